@@ -1,0 +1,451 @@
+//! Model dimensions: presets for the released sizes and inference from tensor shapes.
+//!
+//! Released CLIP4STR files carry no architecture description, so the primary path is
+//! [`Clip4StrConfig::from_tensors`]: every width, depth and vocabulary size is read from the state-dict
+//! shapes. Head counts are invisible in shapes; they come from hyper-parameters when present, else from
+//! the rule the reference uses for the released sizes (CLIP heads = width / 64, decoder heads = 8).
+
+use serde::{Deserialize, Serialize};
+
+use crate::charset::{CHARSET_36, CHARSET_94};
+
+/// CLIP ViT image encoder dimensions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VisionConfig {
+    /// Transformer width (`conv1` output channels).
+    pub width: usize,
+    /// Number of residual attention blocks.
+    pub layers: usize,
+    /// Attention heads; the reference hard-codes `width / 64` (20 for ViT-H/14, SPEC §18.4).
+    pub heads: usize,
+    /// Patch size `[height, width]` in pixels.
+    pub patch_size: [usize; 2],
+    /// Input image size `[height, width]` in pixels.
+    pub image_size: [usize; 2],
+}
+
+impl VisionConfig {
+    /// Patch grid `[rows, cols]`.
+    pub fn grid(&self) -> [usize; 2] {
+        [
+            self.image_size[0] / self.patch_size[0],
+            self.image_size[1] / self.patch_size[1],
+        ]
+    }
+
+    /// Tokens returned by the encoder: one per patch plus the class token.
+    pub fn num_tokens(&self) -> usize {
+        let [gh, gw] = self.grid();
+        gh * gw + 1
+    }
+}
+
+/// CLIP text transformer dimensions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextConfig {
+    /// BPE vocabulary size (49408 for every released model).
+    pub vocab_size: usize,
+    /// Rows of the positional table (77 in the pre-trained CLIP; only `context_length` are used).
+    pub positional_rows: usize,
+    /// Transformer width.
+    pub width: usize,
+    /// Number of residual attention blocks.
+    pub layers: usize,
+    /// Attention heads.
+    pub heads: usize,
+}
+
+/// PARSeq two-stream decoder dimensions (shared by the visual and the cross-modal decoder).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecoderConfig {
+    /// Model width; equals the CLIP embedding dimension (`use_share_dim`).
+    pub dim: usize,
+    /// Attention heads (8 in every released config).
+    pub heads: usize,
+    /// MLP hidden width (`dim * dec_mlp_ratio`).
+    pub mlp_hidden: usize,
+    /// Number of decoder layers (1 in every released config).
+    pub depth: usize,
+}
+
+/// Everything needed to build a CLIP4STR model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Clip4StrConfig {
+    /// Image encoder.
+    pub vision: VisionConfig,
+    /// Text encoder.
+    pub text: TextConfig,
+    /// Joint CLIP embedding dimension (`visual.proj` and `text_projection` output).
+    pub embed_dim: usize,
+    /// Visual and cross-modal decoders.
+    pub decoder: DecoderConfig,
+    /// Characters the model was trained on; order defines the class ids.
+    pub charset_train: String,
+    /// Default characters kept in captions and evaluation (`charset_test`).
+    pub charset_test: String,
+    /// Longest label; the decoders have `max_label_length + 1` position queries.
+    pub max_label_length: usize,
+    /// Tokens fed to the text encoder (16 in CLIP4STR).
+    pub context_length: usize,
+    /// Text blocks below this index are frozen in training (6 of 12 in the release).
+    pub text_freeze_nlayer: i64,
+    /// ViT blocks below this index are frozen in training (-1: none).
+    pub image_freeze_nlayer: i64,
+    /// Dropout in the decoders during training.
+    pub dropout: f32,
+}
+
+/// How a head count can be found when a file carries no hyper-parameters.
+fn clip_heads(width: usize) -> usize {
+    (width / 64).max(1)
+}
+
+impl Clip4StrConfig {
+    fn preset(
+        vision: (usize, usize, usize, usize),
+        text: (usize, usize, usize),
+        embed_dim: usize,
+    ) -> Self {
+        let (vw, vl, vh, patch) = vision;
+        let (tw, tl, th) = text;
+        Self {
+            vision: VisionConfig {
+                width: vw,
+                layers: vl,
+                heads: vh,
+                patch_size: [patch, patch],
+                image_size: [224, 224],
+            },
+            text: TextConfig {
+                vocab_size: 49408,
+                positional_rows: 77,
+                width: tw,
+                layers: tl,
+                heads: th,
+            },
+            embed_dim,
+            decoder: DecoderConfig {
+                dim: embed_dim,
+                heads: 8,
+                mlp_hidden: embed_dim * 4,
+                depth: 1,
+            },
+            charset_train: CHARSET_94.to_string(),
+            charset_test: CHARSET_36.to_string(),
+            max_label_length: 25,
+            context_length: 16,
+            text_freeze_nlayer: 6,
+            image_freeze_nlayer: -1,
+            dropout: 0.1,
+        }
+    }
+
+    /// CLIP4STR-B (ViT-B/16, 224x224).
+    pub fn base16() -> Self {
+        Self::preset((768, 12, 12, 16), (512, 12, 8), 512)
+    }
+
+    /// CLIP4STR-B/32 (ViT-B/32, 224x224).
+    pub fn base32() -> Self {
+        Self::preset((768, 12, 12, 32), (512, 12, 8), 512)
+    }
+
+    /// CLIP4STR-L (ViT-L/14, 224x224).
+    pub fn large14() -> Self {
+        Self::preset((1024, 24, 16, 14), (768, 12, 12), 768)
+    }
+
+    /// CLIP4STR-H (ViT-H/14 with the reference's 20 heads, 224x224).
+    pub fn huge14() -> Self {
+        Self::preset((1280, 32, 20, 14), (1024, 24, 16), 1024)
+    }
+
+    /// The 64x64 test model of the fixtures (`tiny_config.json`).
+    pub fn tiny() -> Self {
+        let mut cfg = Self::preset((128, 2, 2, 8), (32, 2, 2), 32);
+        cfg.vision.image_size = [64, 64];
+        cfg.decoder.heads = 2;
+        cfg.text_freeze_nlayer = 1;
+        cfg
+    }
+
+    /// Preset by name (`b16`, `b32`, `l14`, `h14`, `tiny`).
+    pub fn by_name(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "b16" | "base16" | "base" => Some(Self::base16()),
+            "b32" | "base32" => Some(Self::base32()),
+            "l14" | "large14" | "large" => Some(Self::large14()),
+            "h14" | "huge14" | "huge" => Some(Self::huge14()),
+            "tiny" => Some(Self::tiny()),
+            _ => None,
+        }
+    }
+
+    /// Number of position queries (`max_label_length + 1`).
+    pub fn num_queries(&self) -> usize {
+        self.max_label_length + 1
+    }
+
+    /// Decoder output classes: EOS + training characters.
+    pub fn num_classes(&self) -> usize {
+        self.charset_train.chars().count() + 1
+    }
+
+    /// Rows of the decoders' token embedding: classes + BOS + PAD.
+    pub fn charset_size(&self) -> usize {
+        self.num_classes() + 2
+    }
+
+    /// Infer every dimension from state-dict names and shapes.
+    ///
+    /// `hparams` (a Lightning `hyper_parameters` dict) supplies head counts and charsets when present.
+    pub fn from_tensors(
+        shapes: &[(String, Vec<usize>)],
+        hparams: Option<&serde_json::Value>,
+    ) -> Result<Self, String> {
+        let shape = |name: &str| -> Result<&Vec<usize>, String> {
+            shapes
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, s)| s)
+                .ok_or_else(|| format!("tensor {name} is missing, cannot infer the model size"))
+        };
+        let dim = |name: &str, i: usize| -> Result<usize, String> {
+            let s = shape(name)?;
+            s.get(i)
+                .copied()
+                .ok_or_else(|| format!("tensor {name} has shape {s:?}, expected at least {} dims", i + 1))
+        };
+        let count_blocks = |prefix: &str| -> usize {
+            let mut max = None;
+            for (n, _) in shapes {
+                if let Some(rest) = n.strip_prefix(prefix) {
+                    if let Some(idx) = rest.split('.').next().and_then(|s| s.parse::<usize>().ok()) {
+                        max = Some(max.map_or(idx, |m: usize| m.max(idx)));
+                    }
+                }
+            }
+            max.map_or(0, |m| m + 1)
+        };
+
+        let vw = dim("clip_model.visual.conv1.weight", 0)?;
+        let ph = dim("clip_model.visual.conv1.weight", 2)?;
+        let pw = dim("clip_model.visual.conv1.weight", 3)?;
+        let pos_rows = dim("clip_model.visual.positional_embedding", 0)?;
+        let vl = count_blocks("clip_model.visual.transformer.resblocks.");
+        let tw = dim("clip_model.ln_final.weight", 0)?;
+        let tl = count_blocks("clip_model.transformer.resblocks.");
+        let embed_dim = dim("clip_model.text_projection", 1)?;
+        let vocab = dim("clip_model.token_embedding.weight", 0)?;
+        let text_pos = dim("clip_model.positional_embedding", 0)?;
+        let dec_dim = dim("visual_decoder.head.weight", 1)?;
+        let num_classes = dim("visual_decoder.head.weight", 0)?;
+        let num_queries = dim("visual_decoder.pos_queries", 1)?;
+        let mlp_hidden = dim("visual_decoder.layers.0.linear1.weight", 0)?;
+        let depth = count_blocks("visual_decoder.layers.");
+        if vl == 0 || tl == 0 || depth == 0 {
+            return Err("no transformer blocks found (is this a CLIP4STR state dict?)".into());
+        }
+        if pos_rows < 2 {
+            return Err(format!(
+                "clip_model.visual.positional_embedding has {pos_rows} rows, expected a class token plus patches"
+            ));
+        }
+
+        let hp = |key: &str| hparams.and_then(|h| h.get(key));
+        let hp_usize = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_u64()).map(|v| v as usize);
+
+        // Image size: explicit hyper-parameter wins; otherwise a square grid like every released model.
+        let patches = pos_rows - 1;
+        let image_size = match hp("img_size").and_then(|v| v.as_array()) {
+            Some(a) if a.len() == 2 => {
+                let h = a[0].as_u64().unwrap_or(0) as usize;
+                let w = a[1].as_u64().unwrap_or(0) as usize;
+                if ph > 0 && pw > 0 && (h / ph) * (w / pw) == patches {
+                    [h, w]
+                } else {
+                    square_size(patches, ph, pw)?
+                }
+            }
+            _ => square_size(patches, ph, pw)?,
+        };
+
+        let clip_arch = hp("clip_arch");
+        let text_heads = hp_usize(clip_arch.and_then(|a| a.get("transformer_heads")))
+            .unwrap_or_else(|| clip_heads(tw));
+        let vision_heads = hp_usize(clip_arch.and_then(|a| a.get("vision_heads")))
+            .unwrap_or_else(|| clip_heads(vw));
+        let dec_heads = hp_usize(hp("dec_num_heads")).unwrap_or(8);
+
+        let charset_train = hp("charset_train")
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .unwrap_or_else(|| CHARSET_94.to_string());
+        if charset_train.chars().count() + 1 != num_classes {
+            return Err(format!(
+                "visual_decoder.head.weight predicts {num_classes} classes but the charset has {} characters (+1 EOS)",
+                charset_train.chars().count()
+            ));
+        }
+        let charset_test = hp("charset_test")
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .unwrap_or_else(|| CHARSET_36.to_string());
+        let context_length = hp_usize(hp("context_length")).unwrap_or(16);
+        let freeze = |key: &str, default: i64| hp(key).and_then(|v| v.as_i64()).unwrap_or(default);
+
+        let cfg = Self {
+            vision: VisionConfig {
+                width: vw,
+                layers: vl,
+                heads: vision_heads,
+                patch_size: [ph, pw],
+                image_size,
+            },
+            text: TextConfig {
+                vocab_size: vocab,
+                positional_rows: text_pos,
+                width: tw,
+                layers: tl,
+                heads: text_heads,
+            },
+            embed_dim,
+            decoder: DecoderConfig {
+                dim: dec_dim,
+                heads: dec_heads,
+                mlp_hidden,
+                depth,
+            },
+            charset_train,
+            charset_test,
+            max_label_length: num_queries.saturating_sub(1),
+            context_length,
+            text_freeze_nlayer: freeze("text_freeze_nlayer", 6),
+            image_freeze_nlayer: freeze("image_freeze_nlayer", -1),
+            dropout: hp("dropout").and_then(|v| v.as_f64()).unwrap_or(0.1) as f32,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Check that head counts divide widths and the pieces fit together.
+    pub fn validate(&self) -> Result<(), String> {
+        let check_heads = |what: &str, width: usize, heads: usize| {
+            if heads == 0 || width % heads != 0 {
+                Err(format!("{what}: width {width} is not divisible by {heads} heads"))
+            } else {
+                Ok(())
+            }
+        };
+        check_heads("vision", self.vision.width, self.vision.heads)?;
+        check_heads("text", self.text.width, self.text.heads)?;
+        check_heads("decoder", self.decoder.dim, self.decoder.heads)?;
+        if self.decoder.dim != self.embed_dim {
+            return Err(format!(
+                "decoder width {} differs from the CLIP embedding dimension {}",
+                self.decoder.dim, self.embed_dim
+            ));
+        }
+        if self.context_length == 0 || self.context_length > self.text.positional_rows {
+            return Err(format!(
+                "context length {} does not fit the text positional table of {} rows",
+                self.context_length, self.text.positional_rows
+            ));
+        }
+        let [ph, pw] = self.vision.patch_size;
+        let [h, w] = self.vision.image_size;
+        if ph == 0 || pw == 0 || h % ph != 0 || w % pw != 0 {
+            return Err(format!(
+                "image size {h}x{w} is not a multiple of the patch size {ph}x{pw}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Apply a JSON override in the layout of `tiny_config.json` (`hyper_parameters`, `clip_arch`,
+    /// `derived`) or a flat object with the same keys as this struct's fields.
+    pub fn apply_override(&mut self, json: &serde_json::Value) -> Result<(), String> {
+        let get = |keys: &[&str]| -> Option<&serde_json::Value> {
+            for section in ["derived", "clip_arch", "hyper_parameters"] {
+                if let Some(sec) = json.get(section) {
+                    for k in keys {
+                        if let Some(v) = sec.get(*k) {
+                            return Some(v);
+                        }
+                    }
+                }
+            }
+            keys.iter().find_map(|k| json.get(*k))
+        };
+        let as_usize = |v: &serde_json::Value| v.as_u64().map(|v| v as usize);
+        let set = |target: &mut usize, keys: &[&str]| {
+            if let Some(v) = get(keys).and_then(as_usize) {
+                *target = v;
+            }
+        };
+        set(&mut self.vision.heads, &["vision_heads"]);
+        set(&mut self.vision.width, &["vision_width"]);
+        set(&mut self.vision.layers, &["vision_layers"]);
+        set(&mut self.text.heads, &["text_heads", "transformer_heads"]);
+        set(&mut self.text.width, &["text_width", "transformer_width"]);
+        set(&mut self.text.layers, &["text_layers", "transformer_layers"]);
+        set(&mut self.decoder.heads, &["decoder_heads", "dec_num_heads"]);
+        set(&mut self.decoder.depth, &["decoder_layers", "dec_depth"]);
+        set(&mut self.embed_dim, &["embed_dim"]);
+        set(&mut self.max_label_length, &["max_label_length"]);
+        set(&mut self.context_length, &["context_length_used", "text_context_length_used"]);
+        if let Some(v) = get(&["image_size", "img_size"]).and_then(|v| v.as_array()) {
+            if let [h, w] = v.as_slice() {
+                if let (Some(h), Some(w)) = (as_usize(h), as_usize(w)) {
+                    self.vision.image_size = [h, w];
+                }
+            }
+        }
+        if let Some(v) = get(&["charset_train"]).and_then(|v| v.as_str()) {
+            self.charset_train = v.to_string();
+        }
+        if let Some(v) = get(&["charset_test"]).and_then(|v| v.as_str()) {
+            self.charset_test = v.to_string();
+        }
+        if let Some(v) = get(&["text_freeze_nlayer"]).and_then(|v| v.as_i64()) {
+            self.text_freeze_nlayer = v;
+        }
+        self.validate()
+    }
+}
+
+fn square_size(patches: usize, ph: usize, pw: usize) -> Result<[usize; 2], String> {
+    let g = (patches as f64).sqrt().round() as usize;
+    if g * g != patches {
+        return Err(format!(
+            "{patches} patches do not form a square grid; give the image size in the config"
+        ));
+    }
+    Ok([g * ph, g * pw])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_validate() {
+        for cfg in [
+            Clip4StrConfig::base16(),
+            Clip4StrConfig::base32(),
+            Clip4StrConfig::large14(),
+            Clip4StrConfig::huge14(),
+            Clip4StrConfig::tiny(),
+        ] {
+            cfg.validate().expect("preset must be valid");
+        }
+        assert_eq!(Clip4StrConfig::base16().vision.num_tokens(), 197);
+        assert_eq!(Clip4StrConfig::huge14().vision.heads, 20);
+    }
+
+    #[test]
+    fn missing_tensor_is_an_error() {
+        let err = Clip4StrConfig::from_tensors(&[], None).unwrap_err();
+        assert!(err.contains("clip_model.visual.conv1.weight"), "{err}");
+    }
+}

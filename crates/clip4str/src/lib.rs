@@ -1,0 +1,16 @@
+//! CLIP4STR scene-text recognition on candle.
+//!
+//! The crate mirrors the paper's figure: a CLIP ViT image encoder ([`clip::vision`]), a PARSeq
+//! two-stream visual decoder ([`decoder`]), the CLIP text encoder over the visual prediction
+//! ([`clip::text`]) and a cross-modal decoder over `[image tokens ; text tokens]` ([`model`]).
+//! It does no network access and prints nothing.
+
+pub mod charset;
+pub mod checkpoint;
+pub mod clip;
+pub mod config;
+pub mod decoder;
+pub mod model;
+pub mod nn;
+pub mod preprocess;
+pub mod recognizer;

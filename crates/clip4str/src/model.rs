@@ -1,0 +1,362 @@
+//! CLIP4STR: encode -> visual AR decode -> captions -> text encoder -> cross-modal AR decode -> refine.
+//!
+//! Follows `VL4STR.forward` (SPEC §8) step by step, including its batch-wide early stop and the
+//! text features being recomputed from the refined visual logits.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::charset::{CharsetAdapter, CharsetTokenizer};
+use crate::clip::bpe::ClipBpe;
+use crate::clip::text::TextTransformer;
+use crate::clip::vision::VisionTransformer;
+use crate::config::Clip4StrConfig;
+use crate::decoder::{Decoder, DecoderMasks, MemoryKv};
+use crate::nn::causal_mask;
+
+/// The whole CLIP4STR network; field names follow the state-dict prefixes.
+#[derive(Clone)]
+pub struct Clip4Str {
+    /// `clip_model.visual`.
+    pub visual: VisionTransformer,
+    /// Text half of `clip_model`.
+    pub text: TextTransformer,
+    /// `visual_decoder`: reads the image tokens.
+    pub visual_decoder: Decoder,
+    /// `cross_decoder`: reads `[image tokens ; text tokens]`.
+    pub cross_decoder: Decoder,
+    /// Characters <-> class ids.
+    pub tokenizer: CharsetTokenizer,
+    bpe: Arc<ClipBpe>,
+    cfg: Clip4StrConfig,
+}
+
+impl std::fmt::Debug for Clip4Str {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Clip4Str").field("config", &self.cfg).finish_non_exhaustive()
+    }
+}
+
+/// How to run one forward pass.
+#[derive(Debug, Clone)]
+pub struct ForwardOptions {
+    /// `None`: testing mode (26 steps, early stop when every sample has an EOS);
+    /// `Some(L)`: validation mode, `min(L, max_label_length) + 1` steps, no early stop.
+    pub max_length: Option<usize>,
+    /// Refinement passes (the release uses 1).
+    pub refine_iters: usize,
+}
+
+impl Default for ForwardOptions {
+    fn default() -> Self {
+        Self {
+            max_length: None,
+            refine_iters: 1,
+        }
+    }
+}
+
+/// Every intermediate of a forward pass, so a user (or a parity test) can stop at any stage.
+#[derive(Debug, Clone)]
+pub struct Trace {
+    /// Image tokens `[B, S, E]`.
+    pub memory: Tensor,
+    /// AR steps actually run (`T`).
+    pub num_ar_steps: usize,
+    /// Visual AR logits `[B, T, C]`.
+    pub vis_logits: Tensor,
+    /// Captions from the visual AR prediction (after the charset adapter).
+    pub captions_ar: Vec<String>,
+    /// Their CLIP tokens `[B, context]` (u32).
+    pub text_ids_ar: Tensor,
+    /// Text features `[B, context, E]`.
+    pub text_feats_ar: Tensor,
+    /// Cross-modal AR logits `[B, T, C]`.
+    pub cross_logits: Tensor,
+    /// Refined visual logits `[B, num_steps, C]` (None without refinement).
+    pub refine_vis_logits: Option<Tensor>,
+    /// Captions from the refined visual logits.
+    pub captions_refine: Vec<String>,
+    /// Their CLIP tokens.
+    pub text_ids_refine: Option<Tensor>,
+    /// Their text features.
+    pub text_feats_refine: Option<Tensor>,
+    /// The output: refined cross-modal logits `[B, num_steps, C]`.
+    pub final_logits: Tensor,
+}
+
+/// Per-row argmax of `[B, T, C]` logits as host ids `[B][T]`.
+fn argmax_ids(logits: &Tensor) -> Result<Vec<Vec<u32>>> {
+    logits.argmax(D::Minus1)?.to_vec2::<u32>()
+}
+
+/// Additive cloze mask `[rows, cols]`: query r sees every content position except r+1 (its own token).
+fn cloze_mask(rows: usize, cols: usize, device: &Device) -> Result<Tensor> {
+    let data: Vec<f32> = (0..rows)
+        .flat_map(|r| {
+            (0..cols).map(move |c| {
+                if c == r + 1 {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(data, (rows, cols), device)
+}
+
+/// Additive padding mask `[B, 1, 1, L]`: -inf at and after the first EOS of each row.
+fn padding_mask(tgt: &[Vec<u32>], eos: u32, device: &Device) -> Result<Tensor> {
+    let b = tgt.len();
+    let l = tgt.first().map_or(0, Vec::len);
+    let mut data = Vec::with_capacity(b * l);
+    for row in tgt {
+        let mut seen = false;
+        for &t in row {
+            seen |= t == eos;
+            data.push(if seen { f32::NEG_INFINITY } else { 0.0 });
+        }
+    }
+    Tensor::from_vec(data, (b, 1, 1, l), device)
+}
+
+fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Result<Tensor> {
+    let b = rows.len();
+    let l = rows.first().map_or(0, Vec::len);
+    let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+    Tensor::from_vec(flat, (b, l), device)
+}
+
+/// `[BOS] + ids[..T-1]` per row.
+fn shift_with_bos(ids: &[Vec<u32>], bos: u32, t: usize) -> Vec<Vec<u32>> {
+    ids.iter()
+        .map(|row| {
+            std::iter::once(bos)
+                .chain(row.iter().copied().take(t.saturating_sub(1)))
+                .collect()
+        })
+        .collect()
+}
+
+impl Clip4Str {
+    /// Builds the model; `vb` is rooted at the state dict (`clip_model.*`, `visual_decoder.*`, `cross_decoder.*`).
+    pub fn new(cfg: &Clip4StrConfig, vb: VarBuilder) -> Result<Self> {
+        let clip = vb.pp("clip_model");
+        let nc = cfg.num_classes();
+        let cs = cfg.charset_size();
+        let nq = cfg.num_queries();
+        Ok(Self {
+            visual: VisionTransformer::new(&cfg.vision, cfg.embed_dim, clip.pp("visual"))?,
+            text: TextTransformer::new(&cfg.text, cfg.embed_dim, clip)?,
+            visual_decoder: Decoder::new(&cfg.decoder, nc, cs, nq, cfg.dropout, vb.pp("visual_decoder"))?,
+            cross_decoder: Decoder::new(&cfg.decoder, nc, cs, nq, cfg.dropout, vb.pp("cross_decoder"))?,
+            tokenizer: CharsetTokenizer::new(&cfg.charset_train),
+            bpe: Arc::new(ClipBpe::new()),
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The configuration the model was built with.
+    pub fn config(&self) -> &Clip4StrConfig {
+        &self.cfg
+    }
+
+    /// Images `[B, 3, H, W]` -> memory `[B, S, E]`.
+    pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
+        let _span = tracing::debug_span!("encode").entered();
+        self.visual.forward(images)
+    }
+
+    /// Captions from logits like `decode_fast`: argmax of every position, cut at EOS, charset adapter.
+    pub fn captions(&self, logits: &Tensor, adapter: &CharsetAdapter) -> Result<Vec<String>> {
+        Ok(argmax_ids(logits)?
+            .iter()
+            .map(|ids| self.tokenizer.decode_fast(ids, Some(adapter)))
+            .collect())
+    }
+
+    /// CLIP BPE of each caption (context 16, truncated) and its text features.
+    pub fn text_features(&self, captions: &[String], device: &Device) -> Result<(Tensor, Tensor)> {
+        let _span = tracing::debug_span!("text_encoder").entered();
+        let ctx = self.cfg.context_length;
+        let rows: Vec<Vec<u32>> = captions
+            .iter()
+            .map(|c| self.bpe.tokenize(c, ctx))
+            .collect();
+        let ids = ids_tensor(&rows, device)?;
+        let feats = self.text.forward(&ids)?;
+        Ok((ids, feats))
+    }
+
+    /// The released model's forward: returns refined cross-modal logits `[B, num_steps, C]`.
+    pub fn forward(&self, images: &Tensor, adapter: &CharsetAdapter) -> Result<Tensor> {
+        Ok(self
+            .forward_trace(images, adapter, &ForwardOptions::default())?
+            .final_logits)
+    }
+
+    /// Greedy AR decoding with one query per step; returns the logits `[B, T, C]` and the context ids.
+    ///
+    /// With `early_stop`, stops once every sample has produced an EOS (batch-wide, like the reference).
+    fn decode_ar(
+        &self,
+        decoder: &Decoder,
+        memory: &MemoryKv,
+        tgt: &mut [Vec<u32>],
+        steps: usize,
+        early_stop: bool,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let b = tgt.len();
+        let eos = self.tokenizer.eos_id();
+        let mut logits = Vec::with_capacity(steps);
+        for i in 0..steps {
+            let j = i + 1;
+            let prefix: Vec<Vec<u32>> = tgt.iter().map(|r| r[..j].to_vec()).collect();
+            let content_mask = causal_mask(j, device)?;
+            let masks = DecoderMasks {
+                query: None, // row i of the causal mask over j columns is all zeros
+                content: Some(&content_mask),
+                padding: None,
+            };
+            let query = decoder.queries(b, i, 1)?;
+            let p_i = decoder.forward(&ids_tensor(&prefix, device)?, memory, &query, &masks, false)?;
+            if j < steps {
+                let next = p_i.squeeze(1)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
+                for (row, id) in tgt.iter_mut().zip(next) {
+                    row[j] = id;
+                }
+                if early_stop && tgt.iter().all(|r| r[..=j].contains(&eos)) {
+                    logits.push(p_i);
+                    break;
+                }
+            }
+            logits.push(p_i);
+        }
+        Tensor::cat(&logits, 1)
+    }
+
+    /// Forward pass keeping every intermediate (SPEC §8).
+    pub fn forward_trace(
+        &self,
+        images: &Tensor,
+        adapter: &CharsetAdapter,
+        opts: &ForwardOptions,
+    ) -> Result<Trace> {
+        let device = images.device().clone();
+        let images = images.to_dtype(DType::F32)?;
+        let memory = self.encode(&images)?;
+        let b = memory.dim(0)?;
+        let testing = opts.max_length.is_none();
+        let max_len = self.cfg.max_label_length;
+        let num_steps = opts.max_length.map_or(max_len, |l| l.min(max_len)) + 1;
+        let (bos, pad, eos) = (
+            self.tokenizer.bos_id(),
+            self.tokenizer.pad_id(),
+            self.tokenizer.eos_id(),
+        );
+
+        // Visual AR decoding.
+        let vis_kv = {
+            let _span = tracing::debug_span!("visual_decode").entered();
+            self.visual_decoder.memory_kv(&memory)?
+        };
+        let mut tgt: Vec<Vec<u32>> = (0..b)
+            .map(|_| {
+                let mut row = vec![pad; num_steps];
+                row[0] = bos;
+                row
+            })
+            .collect();
+        let vis_logits = {
+            let _span = tracing::debug_span!("visual_decode").entered();
+            self.decode_ar(&self.visual_decoder, &vis_kv, &mut tgt, num_steps, testing, &device)?
+        };
+        let t = vis_logits.dim(1)?;
+
+        // Cross-modal features from the visual prediction, then cross-modal AR decoding (no early stop).
+        let captions_ar = self.captions(&vis_logits, adapter)?;
+        let (text_ids_ar, text_feats_ar) = self.text_features(&captions_ar, &device)?;
+        let cross_memory = Tensor::cat(&[&memory, &text_feats_ar], 1)?;
+        let cross_logits = {
+            let _span = tracing::debug_span!("cross_decode").entered();
+            let kv = self.cross_decoder.memory_kv(&cross_memory)?;
+            self.decode_ar(&self.cross_decoder, &kv, &mut tgt, t, false, &device)?
+        };
+
+        // Refinement with the cloze mask: both branches see all their other predictions.
+        let mut vis_logits_cur = vis_logits.clone();
+        let mut cross_logits_cur = cross_logits.clone();
+        let mut refine_vis_logits = None;
+        let mut captions_refine = Vec::new();
+        let mut text_ids_refine = None;
+        let mut text_feats_refine = None;
+        for _ in 0..opts.refine_iters {
+            let _span = tracing::debug_span!("refine").entered();
+            let t_cur = vis_logits_cur.dim(1)?;
+            let query_mask = cloze_mask(num_steps, t_cur, &device)?;
+            let content_mask = cloze_mask(t_cur, t_cur, &device)?;
+
+            let vis_tgt = shift_with_bos(&argmax_ids(&vis_logits_cur)?, bos, t_cur);
+            let pad_mask = padding_mask(&vis_tgt, eos, &device)?;
+            let masks = DecoderMasks {
+                query: Some(&query_mask),
+                content: Some(&content_mask),
+                padding: Some(&pad_mask),
+            };
+            let vis_ref = self.visual_decoder.forward(
+                &ids_tensor(&vis_tgt, &device)?,
+                &vis_kv,
+                &self.visual_decoder.queries(b, 0, num_steps)?,
+                &masks,
+                false,
+            )?;
+
+            let caps = self.captions(&vis_ref, adapter)?;
+            let (ids, feats) = self.text_features(&caps, &device)?;
+            let cross_memory = Tensor::cat(&[&memory, &feats], 1)?;
+            let cross_kv = self.cross_decoder.memory_kv(&cross_memory)?;
+            let t_cross = cross_logits_cur.dim(1)?;
+            let cross_tgt = shift_with_bos(&argmax_ids(&cross_logits_cur)?, bos, t_cross);
+            let pad_mask = padding_mask(&cross_tgt, eos, &device)?;
+            let query_mask = cloze_mask(num_steps, t_cross, &device)?;
+            let content_mask = cloze_mask(t_cross, t_cross, &device)?;
+            let masks = DecoderMasks {
+                query: Some(&query_mask),
+                content: Some(&content_mask),
+                padding: Some(&pad_mask),
+            };
+            let final_logits = self.cross_decoder.forward(
+                &ids_tensor(&cross_tgt, &device)?,
+                &cross_kv,
+                &self.cross_decoder.queries(b, 0, num_steps)?,
+                &masks,
+                false,
+            )?;
+            vis_logits_cur = vis_ref.clone();
+            cross_logits_cur = final_logits;
+            refine_vis_logits = Some(vis_ref);
+            captions_refine = caps;
+            text_ids_refine = Some(ids);
+            text_feats_refine = Some(feats);
+        }
+
+        Ok(Trace {
+            memory,
+            num_ar_steps: t,
+            vis_logits,
+            captions_ar,
+            text_ids_ar,
+            text_feats_ar,
+            cross_logits,
+            refine_vis_logits,
+            captions_refine,
+            text_ids_refine,
+            text_feats_refine,
+            final_logits: cross_logits_cur,
+        })
+    }
+}

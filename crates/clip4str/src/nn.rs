@@ -1,0 +1,254 @@
+//! Building blocks shared by the CLIP encoders and the PARSeq decoders.
+//!
+//! Everything here is written with differentiable candle ops: candle's fused layer norm and
+//! `softmax_last_dim` drop gradients silently, and the same modules serve training.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+/// Layer normalisation over the last dimension, biased variance, computed in f32 like CLIP's `LayerNorm`.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads `weight` and `bias` of width `dim`; eps is PyTorch's default 1e-5.
+    pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps: 1e-5,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)?
+            .to_dtype(dtype)
+    }
+}
+
+/// A linear layer `x W^T + b` that accepts inputs of any rank.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `weight [out, in]` and `bias [out]`.
+    pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((out_dim, in_dim), "weight")?,
+            bias: Some(vb.get(out_dim, "bias")?),
+        })
+    }
+
+    /// Wraps tensors already loaded (e.g. a slice of a fused projection).
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let in_dim = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
+        y.reshape(out_dims)
+    }
+}
+
+/// `x * sigmoid(1.702 x)`, the activation of every CLIP block (SPEC §18.3).
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    let gate = ((x * -1.702)?.exp()? + 1.0)?.recip()?;
+    x * gate
+}
+
+/// Numerically stable softmax over the last dimension, built from differentiable ops.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Inverted dropout, identity when `p == 0` or outside training.
+pub fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
+    if train && p > 0.0 {
+        candle_nn::ops::dropout(x, p)
+    } else {
+        Ok(x.clone())
+    }
+}
+
+/// `torch.nn.MultiheadAttention` with a fused `in_proj` (q, k, v rows stacked), batch first.
+#[derive(Debug, Clone)]
+pub struct MultiheadAttention {
+    q_proj: Linear,
+    kv_proj: Linear,
+    out_proj: Linear,
+    heads: usize,
+    dim: usize,
+    dropout: f32,
+}
+
+/// Keys and values of one attention, split into heads: `[B, H, S, hd]` each.
+#[derive(Debug, Clone)]
+pub struct KeyValue {
+    /// Keys `[B, H, S, hd]`.
+    pub k: Tensor,
+    /// Values `[B, H, S, hd]`.
+    pub v: Tensor,
+}
+
+impl MultiheadAttention {
+    /// Loads `in_proj_weight [3D, D]`, `in_proj_bias [3D]` and `out_proj`.
+    pub fn new(dim: usize, heads: usize, dropout: f32, vb: VarBuilder) -> Result<Self> {
+        let in_w = vb.get((3 * dim, dim), "in_proj_weight")?;
+        let in_b = vb.get(3 * dim, "in_proj_bias")?;
+        let q_proj = Linear::from_weights(in_w.narrow(0, 0, dim)?, Some(in_b.narrow(0, 0, dim)?));
+        let kv_proj = Linear::from_weights(
+            in_w.narrow(0, dim, 2 * dim)?,
+            Some(in_b.narrow(0, dim, 2 * dim)?),
+        );
+        let out_proj = Linear::new(dim, dim, vb.pp("out_proj"))?;
+        Ok(Self {
+            q_proj,
+            kv_proj,
+            out_proj,
+            heads,
+            dim,
+            dropout,
+        })
+    }
+
+    /// `[B, L, D]` -> `[B, H, L, hd]`.
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        x.reshape((b, l, self.heads, self.dim / self.heads))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// Project keys and values once, so a memory reused across decoding steps is projected once.
+    pub fn key_value(&self, kv_in: &Tensor) -> Result<KeyValue> {
+        let kv = self.kv_proj.forward(kv_in)?; // [B, S, 2D]
+        Ok(KeyValue {
+            k: self.split_heads(&kv.narrow(2, 0, self.dim)?)?,
+            v: self.split_heads(&kv.narrow(2, self.dim, self.dim)?)?,
+        })
+    }
+
+    /// Attention of `q_in [B, L, D]` over `kv_in [B, S, D]` with an additive mask broadcastable to `[B, H, L, S]`.
+    pub fn forward(
+        &self,
+        q_in: &Tensor,
+        kv_in: &Tensor,
+        mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let kv = self.key_value(kv_in)?;
+        self.forward_kv(q_in, &kv, mask, train)
+    }
+
+    /// Attention over keys and values already projected by [`Self::key_value`].
+    pub fn forward_kv(
+        &self,
+        q_in: &Tensor,
+        kv: &KeyValue,
+        mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, l, _) = q_in.dims3()?;
+        let hd = self.dim / self.heads;
+        let q = self.split_heads(&self.q_proj.forward(q_in)?)?;
+        let q = (q * (1.0 / (hd as f64).sqrt()))?;
+        let mut scores = q.matmul(&kv.k.t()?)?; // [B, H, L, S]
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(mask)?;
+        }
+        let attn = dropout(&softmax(&scores)?, self.dropout, train)?;
+        let out = attn.matmul(&kv.v)?; // [B, H, L, hd]
+        let out = out.transpose(1, 2)?.reshape((b, l, self.dim))?;
+        self.out_proj.forward(&out)
+    }
+}
+
+/// Additive causal mask `[n, n]`: 0 on and below the diagonal, -inf above.
+pub fn causal_mask(n: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let data: Vec<f32> = (0..n)
+        .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(data, (n, n), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn layer_norm_normalises() -> Result<()> {
+        let dev = Device::Cpu;
+        let ln = LayerNorm {
+            weight: Tensor::ones(4, DType::F32, &dev)?,
+            bias: Tensor::zeros(4, DType::F32, &dev)?,
+            eps: 1e-5,
+        };
+        let x = Tensor::new(&[[1f32, 2., 3., 4.]], &dev)?;
+        let y = ln.forward(&x)?.to_vec2::<f32>()?;
+        let mean: f32 = y[0].iter().sum::<f32>() / 4.0;
+        assert!(mean.abs() < 1e-6);
+        assert!((y[0][3] - 1.3416355).abs() < 1e-5, "{:?}", y);
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_handles_neg_inf() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[0f32, f32::NEG_INFINITY, 0.]], &dev)?;
+        let y = softmax(&x)?.to_vec2::<f32>()?;
+        assert_eq!(y[0], vec![0.5, 0.0, 0.5]);
+        Ok(())
+    }
+
+    #[test]
+    fn quick_gelu_matches_formula() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[-2f32, 0., 1.5], &dev)?;
+        let y = quick_gelu(&x)?.to_vec1::<f32>()?;
+        for (xi, yi) in [-2f32, 0., 1.5].iter().zip(y) {
+            let want = xi / (1.0 + (-1.702 * xi).exp());
+            assert!((want - yi).abs() < 1e-6);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn causal_mask_shape() -> Result<()> {
+        let m = causal_mask(3, &Device::Cpu)?.to_vec2::<f32>()?;
+        assert_eq!(m[0][1], f32::NEG_INFINITY);
+        assert_eq!(m[2][0], 0.0);
+        assert_eq!(m[1][1], 0.0);
+        Ok(())
+    }
+}

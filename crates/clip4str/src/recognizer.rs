@@ -1,0 +1,1 @@
+//! High-level recognizer API (in progress).
