@@ -360,3 +360,50 @@ impl Clip4Str {
         })
     }
 }
+
+/// Records every `(name, shape)` the model asks for, handing out zero-cost broadcast zeros.
+struct ShapeRecorder(Arc<std::sync::Mutex<Vec<(String, Vec<usize>)>>>);
+
+impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        if let Ok(mut seen) = self.0.lock() {
+            seen.push((name.to_string(), s.dims().to_vec()));
+        }
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
+        candle_core::bail!("shape recorder: {name} requested without a shape")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+impl Clip4Str {
+    /// The state-dict `(name, shape)` list this configuration loads, in construction order.
+    ///
+    /// Derived by running the real constructors, so it cannot drift from the model code.
+    pub fn expected_tensors(cfg: &Clip4StrConfig) -> Result<Vec<(String, Vec<usize>)>> {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let vb = VarBuilder::from_backend(
+            Box::new(ShapeRecorder(seen.clone())),
+            DType::F32,
+            Device::Cpu,
+        );
+        Self::new(cfg, vb)?;
+        let list = seen
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("shape recorder poisoned".into()))?
+            .clone();
+        Ok(list)
+    }
+}
