@@ -1,1 +1,53 @@
-fn main() {}
+//! `clip4str`: read scene text with CLIP4STR from the command line.
+
+mod read;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// CLIP4STR scene-text recognition.
+#[derive(Debug, Parser)]
+#[command(name = "clip4str", version, about)]
+struct Cli {
+    /// Worker threads for the model and image decoding (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Read the text in word-crop images and print `path<TAB>text<TAB>confidence`.
+    Read(read::ReadArgs),
+}
+
+fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    if let Some(n) = threads {
+        if n == 0 {
+            anyhow::bail!("--threads must be at least 1");
+        }
+        // candle's CPU kernels size their pool from RAYON_NUM_THREADS; set it before any model code runs.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(|e| anyhow::anyhow!("cannot start {n} threads: {e}"))?;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = set_threads(cli.threads).and_then(|()| match cli.command {
+        Command::Read(args) => read::run(args),
+    });
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

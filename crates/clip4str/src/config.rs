@@ -212,15 +212,19 @@ impl Clip4StrConfig {
         };
         let dim = |name: &str, i: usize| -> Result<usize, String> {
             let s = shape(name)?;
-            s.get(i)
-                .copied()
-                .ok_or_else(|| format!("tensor {name} has shape {s:?}, expected at least {} dims", i + 1))
+            s.get(i).copied().ok_or_else(|| {
+                format!(
+                    "tensor {name} has shape {s:?}, expected at least {} dims",
+                    i + 1
+                )
+            })
         };
         let count_blocks = |prefix: &str| -> usize {
             let mut max = None;
             for (n, _) in shapes {
                 if let Some(rest) = n.strip_prefix(prefix) {
-                    if let Some(idx) = rest.split('.').next().and_then(|s| s.parse::<usize>().ok()) {
+                    if let Some(idx) = rest.split('.').next().and_then(|s| s.parse::<usize>().ok())
+                    {
                         max = Some(max.map_or(idx, |m: usize| m.max(idx)));
                     }
                 }
@@ -253,7 +257,8 @@ impl Clip4StrConfig {
         }
 
         let hp = |key: &str| hparams.and_then(|h| h.get(key));
-        let hp_usize = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_u64()).map(|v| v as usize);
+        let hp_usize =
+            |v: Option<&serde_json::Value>| v.and_then(|v| v.as_u64()).map(|v| v as usize);
 
         // Image size: explicit hyper-parameter wins; otherwise a square grid like every released model.
         let patches = pos_rows - 1;
@@ -331,8 +336,10 @@ impl Clip4StrConfig {
     /// Check that head counts divide widths and the pieces fit together.
     pub fn validate(&self) -> Result<(), String> {
         let check_heads = |what: &str, width: usize, heads: usize| {
-            if heads == 0 || width % heads != 0 {
-                Err(format!("{what}: width {width} is not divisible by {heads} heads"))
+            if heads == 0 || !width.is_multiple_of(heads) {
+                Err(format!(
+                    "{what}: width {width} is not divisible by {heads} heads"
+                ))
             } else {
                 Ok(())
             }
@@ -354,7 +361,7 @@ impl Clip4StrConfig {
         }
         let [ph, pw] = self.vision.patch_size;
         let [h, w] = self.vision.image_size;
-        if ph == 0 || pw == 0 || h % ph != 0 || w % pw != 0 {
+        if ph == 0 || pw == 0 || !h.is_multiple_of(ph) || !w.is_multiple_of(pw) {
             return Err(format!(
                 "image size {h}x{w} is not a multiple of the patch size {ph}x{pw}"
             ));
@@ -388,12 +395,18 @@ impl Clip4StrConfig {
         set(&mut self.vision.layers, &["vision_layers"]);
         set(&mut self.text.heads, &["text_heads", "transformer_heads"]);
         set(&mut self.text.width, &["text_width", "transformer_width"]);
-        set(&mut self.text.layers, &["text_layers", "transformer_layers"]);
+        set(
+            &mut self.text.layers,
+            &["text_layers", "transformer_layers"],
+        );
         set(&mut self.decoder.heads, &["decoder_heads", "dec_num_heads"]);
         set(&mut self.decoder.depth, &["decoder_layers", "dec_depth"]);
         set(&mut self.embed_dim, &["embed_dim"]);
         set(&mut self.max_label_length, &["max_label_length"]);
-        set(&mut self.context_length, &["context_length_used", "text_context_length_used"]);
+        set(
+            &mut self.context_length,
+            &["context_length_used", "text_context_length_used"],
+        );
         if let Some(v) = get(&["image_size", "img_size"]).and_then(|v| v.as_array()) {
             if let [h, w] = v.as_slice() {
                 if let (Some(h), Some(w)) = (as_usize(h), as_usize(w)) {

@@ -73,14 +73,19 @@ impl DecoderLayer {
         train: bool,
     ) -> Result<Tensor> {
         let p = self.dropout;
-        let sa = self.self_attn.forward_kv(tgt_norm, content_kv, mask, train)?;
+        let sa = self
+            .self_attn
+            .forward_kv(tgt_norm, content_kv, mask, train)?;
         let tgt = (tgt + dropout(&sa, p, train)?)?;
         let ca = self
             .cross_attn
             .forward_kv(&self.norm1.forward(&tgt)?, memory, None, train)?;
         let tgt = (&tgt + dropout(&ca, p, train)?)?;
         let hidden = dropout(
-            &self.linear1.forward(&self.norm2.forward(&tgt)?)?.gelu_erf()?,
+            &self
+                .linear1
+                .forward(&self.norm2.forward(&tgt)?)?
+                .gelu_erf()?,
             p,
             train,
         )?;

@@ -35,7 +35,9 @@ pub struct Clip4Str {
 
 impl std::fmt::Debug for Clip4Str {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Clip4Str").field("config", &self.cfg).finish_non_exhaustive()
+        f.debug_struct("Clip4Str")
+            .field("config", &self.cfg)
+            .finish_non_exhaustive()
     }
 }
 
@@ -95,15 +97,7 @@ fn argmax_ids(logits: &Tensor) -> Result<Vec<Vec<u32>>> {
 /// Additive cloze mask `[rows, cols]`: query r sees every content position except r+1 (its own token).
 fn cloze_mask(rows: usize, cols: usize, device: &Device) -> Result<Tensor> {
     let data: Vec<f32> = (0..rows)
-        .flat_map(|r| {
-            (0..cols).map(move |c| {
-                if c == r + 1 {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
+        .flat_map(|r| (0..cols).map(move |c| if c == r + 1 { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     Tensor::from_vec(data, (rows, cols), device)
 }
@@ -151,8 +145,22 @@ impl Clip4Str {
         Ok(Self {
             visual: VisionTransformer::new(&cfg.vision, cfg.embed_dim, clip.pp("visual"))?,
             text: TextTransformer::new(&cfg.text, cfg.embed_dim, clip)?,
-            visual_decoder: Decoder::new(&cfg.decoder, nc, cs, nq, cfg.dropout, vb.pp("visual_decoder"))?,
-            cross_decoder: Decoder::new(&cfg.decoder, nc, cs, nq, cfg.dropout, vb.pp("cross_decoder"))?,
+            visual_decoder: Decoder::new(
+                &cfg.decoder,
+                nc,
+                cs,
+                nq,
+                cfg.dropout,
+                vb.pp("visual_decoder"),
+            )?,
+            cross_decoder: Decoder::new(
+                &cfg.decoder,
+                nc,
+                cs,
+                nq,
+                cfg.dropout,
+                vb.pp("cross_decoder"),
+            )?,
             tokenizer: CharsetTokenizer::new(&cfg.charset_train),
             bpe: Arc::new(ClipBpe::new()),
             cfg: cfg.clone(),
@@ -182,10 +190,7 @@ impl Clip4Str {
     pub fn text_features(&self, captions: &[String], device: &Device) -> Result<(Tensor, Tensor)> {
         let _span = tracing::debug_span!("text_encoder").entered();
         let ctx = self.cfg.context_length;
-        let rows: Vec<Vec<u32>> = captions
-            .iter()
-            .map(|c| self.bpe.tokenize(c, ctx))
-            .collect();
+        let rows: Vec<Vec<u32>> = captions.iter().map(|c| self.bpe.tokenize(c, ctx)).collect();
         let ids = ids_tensor(&rows, device)?;
         let feats = self.text.forward(&ids)?;
         Ok((ids, feats))
@@ -223,7 +228,8 @@ impl Clip4Str {
                 padding: None,
             };
             let query = decoder.queries(b, i, 1)?;
-            let p_i = decoder.forward(&ids_tensor(&prefix, device)?, memory, &query, &masks, false)?;
+            let p_i =
+                decoder.forward(&ids_tensor(&prefix, device)?, memory, &query, &masks, false)?;
             if j < steps {
                 let next = p_i.squeeze(1)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
                 for (row, id) in tgt.iter_mut().zip(next) {
@@ -273,7 +279,14 @@ impl Clip4Str {
             .collect();
         let vis_logits = {
             let _span = tracing::debug_span!("visual_decode").entered();
-            self.decode_ar(&self.visual_decoder, &vis_kv, &mut tgt, num_steps, testing, &device)?
+            self.decode_ar(
+                &self.visual_decoder,
+                &vis_kv,
+                &mut tgt,
+                num_steps,
+                testing,
+                &device,
+            )?
         };
         let t = vis_logits.dim(1)?;
 
@@ -362,7 +375,10 @@ impl Clip4Str {
 }
 
 /// Records every `(name, shape)` the model asks for, handing out zero-cost broadcast zeros.
-struct ShapeRecorder(Arc<std::sync::Mutex<Vec<(String, Vec<usize>)>>>);
+/// `(name, shape)` pairs in request order.
+type ShapeList = Vec<(String, Vec<usize>)>;
+
+struct ShapeRecorder(Arc<std::sync::Mutex<ShapeList>>);
 
 impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {
     fn get(

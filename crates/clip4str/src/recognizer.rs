@@ -1,1 +1,235 @@
-//! High-level recognizer API (in progress).
+//! The high-level API: load a checkpoint once, then read word crops.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use rayon::prelude::*;
+
+use crate::charset::{CharsetAdapter, Decoded};
+use crate::checkpoint::{check_tensors, read_checkpoint, LoadError, RawCheckpoint};
+use crate::config::Clip4StrConfig;
+use crate::model::{Clip4Str, ForwardOptions, Trace};
+use crate::preprocess::{resize_bicubic, to_chw, Normalization};
+
+/// Everything that can go wrong between a file on disk and a prediction.
+#[derive(Debug, thiserror::Error)]
+pub enum RecognizerError {
+    /// The checkpoint could not be read or does not fit the model.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The model failed while running (shape or device problem).
+    #[error("model error: {0}")]
+    Model(#[from] candle_core::Error),
+    /// Options that contradict each other or the checkpoint.
+    #[error("invalid options: {0}")]
+    Options(String),
+}
+
+/// Knobs of the recognizer; `Default` reproduces the reference `read.py`.
+#[derive(Debug, Clone)]
+pub struct RecognizerOptions {
+    /// Characters kept in the captions fed to the text encoder; `None` uses the checkpoint's `charset_test`.
+    pub charset_test: Option<String>,
+    /// Also filter the returned text through `charset_test` (what `test.py` scores).
+    pub filter_output: bool,
+    /// Images per model batch. The reference's batch-wide early stop makes results batch-dependent.
+    pub batch_size: usize,
+    /// Refinement passes (1 in the release).
+    pub refine_iters: usize,
+    /// Validation-mode decoding length (`None`: testing mode with early stop).
+    pub max_length: Option<usize>,
+    /// Normalisation of the input (0.5/0.5 at test time).
+    pub normalization: Normalization,
+}
+
+impl Default for RecognizerOptions {
+    fn default() -> Self {
+        Self {
+            charset_test: None,
+            filter_output: false,
+            batch_size: 1,
+            refine_iters: 1,
+            max_length: None,
+            normalization: Normalization::TEST,
+        }
+    }
+}
+
+/// What the recognizer says about one image.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Prediction {
+    /// The recognised text.
+    pub text: String,
+    /// The unfiltered prediction over the training charset (what `read.py` prints).
+    pub raw: String,
+    /// Product of `char_probs` (EOS included when predicted).
+    pub confidence: f32,
+    /// Max probability of each kept position, EOS last when present.
+    pub char_probs: Vec<f32>,
+}
+
+/// A loaded CLIP4STR model ready to read images.
+#[derive(Debug, Clone)]
+pub struct Recognizer {
+    model: Clip4Str,
+    adapter: CharsetAdapter,
+    opts: RecognizerOptions,
+    device: Device,
+}
+
+impl Recognizer {
+    /// Loads any supported checkpoint; `config_override` is a `tiny_config.json`-style JSON for files whose head
+    /// counts do not follow the released sizes' rule.
+    pub fn from_checkpoint(
+        path: &Path,
+        config_override: Option<&serde_json::Value>,
+        opts: RecognizerOptions,
+    ) -> Result<Self, RecognizerError> {
+        let raw = read_checkpoint(path)?;
+        Self::from_raw(&raw, config_override, opts)
+    }
+
+    /// Builds the model from an already-read checkpoint.
+    pub fn from_raw(
+        raw: &RawCheckpoint,
+        config_override: Option<&serde_json::Value>,
+        opts: RecognizerOptions,
+    ) -> Result<Self, RecognizerError> {
+        let cfg = config_for(raw, config_override)?;
+        let expected = Clip4Str::expected_tensors(&cfg)?;
+        check_tensors(raw, &expected)?;
+        let device = Device::Cpu;
+        let model = Clip4Str::new(&cfg, raw.var_builder(DType::F32, &device)).map_err(|e| {
+            LoadError::Tensor {
+                path: raw.path.clone(),
+                source: e,
+            }
+        })?;
+        Self::from_model(model, opts)
+    }
+
+    /// Wraps a model built elsewhere (e.g. during training).
+    pub fn from_model(model: Clip4Str, opts: RecognizerOptions) -> Result<Self, RecognizerError> {
+        if opts.batch_size == 0 {
+            return Err(RecognizerError::Options(
+                "batch size must be at least 1".into(),
+            ));
+        }
+        let charset = opts
+            .charset_test
+            .clone()
+            .unwrap_or_else(|| model.config().charset_test.clone());
+        if charset.is_empty() {
+            return Err(RecognizerError::Options("the test charset is empty".into()));
+        }
+        Ok(Self {
+            adapter: CharsetAdapter::new(&charset),
+            device: Device::Cpu,
+            model,
+            opts,
+        })
+    }
+
+    /// The underlying network.
+    pub fn model(&self) -> &Clip4Str {
+        &self.model
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &Clip4StrConfig {
+        self.model.config()
+    }
+
+    /// Input size `[height, width]`.
+    pub fn input_size(&self) -> [usize; 2] {
+        self.config().vision.image_size
+    }
+
+    /// The test transform: Pillow-exact bicubic resize to the input size, then normalisation; `[3, H, W]`.
+    pub fn preprocess(&self, image: &RgbImage) -> Vec<f32> {
+        let [h, w] = self.input_size();
+        to_chw(
+            &resize_bicubic(image, w as u32, h as u32),
+            &self.opts.normalization,
+        )
+    }
+
+    /// Stacks preprocessed images into `[B, 3, H, W]`.
+    pub fn batch_tensor(&self, inputs: &[Vec<f32>]) -> Result<Tensor, RecognizerError> {
+        let [h, w] = self.input_size();
+        let flat: Vec<f32> = inputs.iter().flatten().copied().collect();
+        Ok(Tensor::from_vec(
+            flat,
+            (inputs.len(), 3, h, w),
+            &self.device,
+        )?)
+    }
+
+    /// Full forward with every intermediate for an input batch `[B, 3, H, W]`.
+    pub fn trace(&self, batch: &Tensor) -> Result<Trace, RecognizerError> {
+        let opts = ForwardOptions {
+            max_length: self.opts.max_length,
+            refine_iters: self.opts.refine_iters,
+        };
+        Ok(self.model.forward_trace(batch, &self.adapter, &opts)?)
+    }
+
+    /// Reads one model batch `[B, 3, H, W]`.
+    pub fn recognize_batch(&self, batch: &Tensor) -> Result<Vec<Prediction>, RecognizerError> {
+        let trace = self.trace(batch)?;
+        self.decode(&trace.final_logits)
+    }
+
+    /// Turns logits `[B, T, C]` into predictions like `tokenizer.decode` (+ the adapter with `filter_output`).
+    pub fn decode(&self, logits: &Tensor) -> Result<Vec<Prediction>, RecognizerError> {
+        let probs = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
+        let (_, _, c) = probs.dims3()?;
+        let probs = probs.to_vec3::<f32>()?;
+        Ok(probs
+            .iter()
+            .map(|sample| {
+                let flat: Vec<f32> = sample.iter().flatten().copied().collect();
+                let decoded: Decoded = self.model.tokenizer.decode(&flat, c);
+                let text = if self.opts.filter_output {
+                    self.adapter.apply(&decoded.text)
+                } else {
+                    decoded.text.clone()
+                };
+                Prediction {
+                    text,
+                    confidence: decoded.confidence(),
+                    raw: decoded.text,
+                    char_probs: decoded.char_probs,
+                }
+            })
+            .collect())
+    }
+
+    /// Reads decoded images, `batch_size` at a time, preprocessing on the rayon pool.
+    pub fn recognize(&self, images: &[RgbImage]) -> Result<Vec<Prediction>, RecognizerError> {
+        let mut out = Vec::with_capacity(images.len());
+        for chunk in images.chunks(self.opts.batch_size) {
+            let inputs: Vec<Vec<f32>> = chunk.par_iter().map(|im| self.preprocess(im)).collect();
+            out.extend(self.recognize_batch(&self.batch_tensor(&inputs)?)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Dimensions from tensor shapes, head counts and charsets from hyper-parameters, then the user's override.
+fn config_for(
+    raw: &RawCheckpoint,
+    config_override: Option<&serde_json::Value>,
+) -> Result<Clip4StrConfig, LoadError> {
+    let config_error = |reason: String| LoadError::Config {
+        path: raw.path.clone(),
+        reason,
+    };
+    let mut cfg = Clip4StrConfig::from_tensors(&raw.shapes(), raw.hyper_parameters.as_ref())
+        .map_err(config_error)?;
+    if let Some(json) = config_override {
+        cfg.apply_override(json).map_err(config_error)?;
+    }
+    Ok(cfg)
+}

@@ -42,11 +42,23 @@ fn configs_inferred_from_key_lists_load_exactly_those_tensors() {
         let file: BTreeMap<_, _> = shapes(&k).into_iter().collect();
         let list: Vec<_> = file.clone().into_iter().collect();
         let cfg = Clip4StrConfig::from_tensors(&list, None).expect("infer config");
-        assert_eq!(cfg, preset, "{variant}: inferred config differs from the preset");
+        assert_eq!(
+            cfg, preset,
+            "{variant}: inferred config differs from the preset"
+        );
         let derived = &k["derived"];
-        assert_eq!(cfg.vision.heads as u64, derived["vision_heads"].as_u64().unwrap());
-        assert_eq!(cfg.text.heads as u64, derived["text_heads"].as_u64().unwrap());
-        assert_eq!(cfg.decoder.heads as u64, derived["decoder_heads"].as_u64().unwrap());
+        assert_eq!(
+            cfg.vision.heads as u64,
+            derived["vision_heads"].as_u64().unwrap()
+        );
+        assert_eq!(
+            cfg.text.heads as u64,
+            derived["text_heads"].as_u64().unwrap()
+        );
+        assert_eq!(
+            cfg.decoder.heads as u64,
+            derived["decoder_heads"].as_u64().unwrap()
+        );
         assert_eq!(
             cfg.vision.num_tokens() as u64,
             derived["num_image_tokens"].as_u64().unwrap()
@@ -56,7 +68,14 @@ fn configs_inferred_from_key_lists_load_exactly_those_tensors() {
             .expect("record shapes")
             .into_iter()
             .collect();
-        assert_eq!(expected.len(), k["num_tensors"].as_u64().unwrap() as usize, "{variant}");
-        assert_eq!(expected, file, "{variant}: expected tensors differ from the key list");
+        assert_eq!(
+            expected.len(),
+            k["num_tensors"].as_u64().unwrap() as usize,
+            "{variant}"
+        );
+        assert_eq!(
+            expected, file,
+            "{variant}: expected tensors differ from the key list"
+        );
     }
 }

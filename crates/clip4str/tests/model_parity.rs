@@ -82,37 +82,71 @@ fn compare(fx: &Fixture, case: &str, trace: &Trace) -> Vec<(&'static str, f32)> 
             .map(|s| s.as_str().unwrap().to_string())
             .collect()
     };
-    assert_eq!(trace.captions_ar, captions("captions_ar"), "{case}: captions_ar");
+    assert_eq!(
+        trace.captions_ar,
+        captions("captions_ar"),
+        "{case}: captions_ar"
+    );
     assert_eq!(
         trace.captions_refine,
         captions("captions_refine"),
         "{case}: captions_refine"
     );
-    assert_eq!(ids(&trace.text_ids_ar), ids(get("text_ids_ar")), "{case}: text_ids_ar");
+    assert_eq!(
+        ids(&trace.text_ids_ar),
+        ids(get("text_ids_ar")),
+        "{case}: text_ids_ar"
+    );
     assert_eq!(
         ids(trace.text_ids_refine.as_ref().unwrap()),
         ids(get("text_ids_refine")),
         "{case}: text_ids_refine"
     );
     let vis_pred = trace.vis_logits.argmax(2).unwrap();
-    assert_eq!(ids(&vis_pred), ids(get("vis_ar_pred_ids")), "{case}: vis pred");
+    assert_eq!(
+        ids(&vis_pred),
+        ids(get("vis_ar_pred_ids")),
+        "{case}: vis pred"
+    );
     let cross_pred = trace.cross_logits.argmax(2).unwrap();
-    assert_eq!(ids(&cross_pred), ids(get("cross_ar_pred_ids")), "{case}: cross pred");
+    assert_eq!(
+        ids(&cross_pred),
+        ids(get("cross_ar_pred_ids")),
+        "{case}: cross pred"
+    );
 
     let stages = vec![
         ("memory", max_abs_diff(&trace.memory, get("memory"))),
-        ("vis_ar_logits", max_abs_diff(&trace.vis_logits, get("vis_ar_logits"))),
-        ("text_feats_ar", max_abs_diff(&trace.text_feats_ar, get("text_feats_ar"))),
-        ("cross_ar_logits", max_abs_diff(&trace.cross_logits, get("cross_ar_logits"))),
+        (
+            "vis_ar_logits",
+            max_abs_diff(&trace.vis_logits, get("vis_ar_logits")),
+        ),
+        (
+            "text_feats_ar",
+            max_abs_diff(&trace.text_feats_ar, get("text_feats_ar")),
+        ),
+        (
+            "cross_ar_logits",
+            max_abs_diff(&trace.cross_logits, get("cross_ar_logits")),
+        ),
         (
             "refine_vis_logits",
-            max_abs_diff(trace.refine_vis_logits.as_ref().unwrap(), get("refine_vis_logits")),
+            max_abs_diff(
+                trace.refine_vis_logits.as_ref().unwrap(),
+                get("refine_vis_logits"),
+            ),
         ),
         (
             "text_feats_refine",
-            max_abs_diff(trace.text_feats_refine.as_ref().unwrap(), get("text_feats_refine")),
+            max_abs_diff(
+                trace.text_feats_refine.as_ref().unwrap(),
+                get("text_feats_refine"),
+            ),
         ),
-        ("final_logits", max_abs_diff(&trace.final_logits, get("final_logits"))),
+        (
+            "final_logits",
+            max_abs_diff(&trace.final_logits, get("final_logits")),
+        ),
     ];
     for (stage, diff) in &stages {
         assert!(*diff <= 1e-4, "{case}: {stage} differs by {diff}");
@@ -127,7 +161,11 @@ fn compare(fx: &Fixture, case: &str, trace: &Trace) -> Vec<(&'static str, f32)> 
         let flat: Vec<f32> = sample.iter().flatten().copied().collect();
         let tok = clip4str::charset::CharsetTokenizer::new(clip4str::charset::CHARSET_94);
         let got = tok.decode(&flat, 95);
-        assert_eq!(got.text, want["pred_raw"].as_str().unwrap(), "{case}: string");
+        assert_eq!(
+            got.text,
+            want["pred_raw"].as_str().unwrap(),
+            "{case}: string"
+        );
         assert_eq!(
             adapter.apply(&got.text),
             want["pred_charset_test"].as_str().unwrap()

@@ -24,7 +24,8 @@ impl TextTransformer {
     pub fn new(cfg: &TextConfig, embed_dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             token_embedding: vb.get((cfg.vocab_size, cfg.width), "token_embedding.weight")?,
-            positional_embedding: vb.get((cfg.positional_rows, cfg.width), "positional_embedding")?,
+            positional_embedding: vb
+                .get((cfg.positional_rows, cfg.width), "positional_embedding")?,
             transformer: Transformer::new(cfg.width, cfg.layers, cfg.heads, vb.pp("transformer"))?,
             ln_final: LayerNorm::new(cfg.width, vb.pp("ln_final"))?,
             text_projection: vb.get((cfg.width, embed_dim), "text_projection")?,

@@ -31,7 +31,9 @@ impl ResidualAttentionBlock {
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let h = self.ln_1.forward(x)?;
         let x = (x + self.attn.forward(&h, &h, mask, false)?)?;
-        let h = self.c_proj.forward(&quick_gelu(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?)?;
+        let h = self
+            .c_proj
+            .forward(&quick_gelu(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?)?;
         x + h
     }
 }

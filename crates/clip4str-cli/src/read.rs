@@ -1,0 +1,204 @@
+//! `clip4str read`: images or folders in, one line per image out.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use clip4str::charset::charset_test;
+use clip4str::preprocess::decode_rgb;
+use clip4str::recognizer::{Prediction, Recognizer, RecognizerOptions};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rayon::prelude::*;
+
+/// Output formats of `read`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// `path<TAB>text<TAB>confidence`
+    Text,
+    /// One JSON object per line with text, confidence and per-character probabilities.
+    Json,
+}
+
+/// Arguments of `clip4str read`.
+#[derive(Debug, Args)]
+pub struct ReadArgs {
+    /// Checkpoint: Lightning `.ckpt`, flat `.pt` state dict, or safetensors.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// JSON with dimensions and head counts for files that carry none (layout of tiny_config.json).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Keep upper case (test.py --cased): charset_test gains A-Z and the output is filtered by it.
+    #[arg(long)]
+    pub cased: bool,
+    /// Keep punctuation (test.py --punctuation): charset_test gains punctuation, output filtered by it.
+    #[arg(long)]
+    pub punctuation: bool,
+    /// Images per model batch (results can depend on it, like the reference's batch-wide early stop).
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Image files or folders (searched recursively).
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+}
+
+const IMAGE_EXTENSIONS: &[&str] = &[
+    "png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp", "pbm", "pgm", "ppm", "pnm",
+];
+
+fn is_image(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// Files given directly are kept whatever their name; folders contribute their image files, sorted.
+fn collect_inputs(inputs: &[PathBuf], errors: &mut Vec<(PathBuf, String)>) -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>, errors: &mut Vec<(PathBuf, String)>) {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) => {
+                errors.push((dir.to_path_buf(), format!("cannot list folder: {e}")));
+                return;
+            }
+        };
+        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        for p in paths {
+            if p.is_dir() {
+                walk(&p, out, errors);
+            } else if is_image(&p) {
+                out.push(p);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            walk(input, &mut out, errors);
+        } else if input.exists() {
+            out.push(input.clone());
+        } else {
+            errors.push((input.clone(), "no such file or folder".into()));
+        }
+    }
+    out
+}
+
+fn print_prediction(
+    out: &mut impl Write,
+    format: Format,
+    path: &Path,
+    p: &Prediction,
+) -> std::io::Result<()> {
+    match format {
+        Format::Text => writeln!(out, "{}\t{}\t{:.4}", path.display(), p.text, p.confidence),
+        Format::Json => {
+            let obj = serde_json::json!({
+                "path": path.display().to_string(),
+                "text": p.text,
+                "raw": p.raw,
+                "confidence": p.confidence,
+                "char_probs": p.char_probs,
+            });
+            writeln!(out, "{obj}")
+        }
+    }
+}
+
+/// Runs `read`; exit code 1 when some image could not be read.
+pub fn run(args: ReadArgs) -> anyhow::Result<ExitCode> {
+    if args.batch_size == 0 {
+        anyhow::bail!("--batch-size must be at least 1");
+    }
+    let config = match &args.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading config {}", p.display()))?;
+            Some(
+                serde_json::from_str::<serde_json::Value>(&text)
+                    .with_context(|| format!("parsing config {}", p.display()))?,
+            )
+        }
+        None => None,
+    };
+    let filter = args.cased || args.punctuation;
+    let opts = RecognizerOptions {
+        charset_test: filter.then(|| charset_test(args.cased, args.punctuation)),
+        filter_output: filter,
+        batch_size: args.batch_size,
+        ..Default::default()
+    };
+    let recognizer = Recognizer::from_checkpoint(&args.checkpoint, config.as_ref(), opts)
+        .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
+
+    let mut failures: Vec<(PathBuf, String)> = Vec::new();
+    let paths = collect_inputs(&args.inputs, &mut failures);
+    for (path, reason) in &failures {
+        eprintln!("error: {}: {reason}", path.display());
+    }
+
+    let progress = if std::io::stderr().is_terminal() && paths.len() > 8 {
+        let bar =
+            ProgressBar::with_draw_target(Some(paths.len() as u64), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} images {per_sec} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut failed = failures.len();
+    for chunk in paths.chunks(args.batch_size) {
+        // Decode and preprocess the batch in parallel; a bad file is reported and skipped.
+        let decoded: Vec<(PathBuf, Result<Vec<f32>, String>)> = chunk
+            .par_iter()
+            .map(|p| {
+                let input = std::fs::read(p)
+                    .map_err(|e| format!("cannot read file: {e}"))
+                    .and_then(|bytes| decode_rgb(&bytes).map_err(|e| e.to_string()))
+                    .map(|img| recognizer.preprocess(&img));
+                (p.clone(), input)
+            })
+            .collect();
+        let mut ok_paths = Vec::new();
+        let mut inputs = Vec::new();
+        for (path, input) in decoded {
+            match input {
+                Ok(x) => {
+                    ok_paths.push(path);
+                    inputs.push(x);
+                }
+                Err(reason) => {
+                    progress.suspend(|| eprintln!("error: {}: {reason}", path.display()));
+                    failed += 1;
+                }
+            }
+        }
+        if !inputs.is_empty() {
+            let batch = recognizer.batch_tensor(&inputs)?;
+            let preds = recognizer.recognize_batch(&batch)?;
+            for (path, p) in ok_paths.iter().zip(&preds) {
+                print_prediction(&mut out, args.format, path, p).context("writing output")?;
+            }
+            out.flush().context("writing output")?;
+        }
+        progress.inc(chunk.len() as u64);
+    }
+    progress.finish_and_clear();
+    if failed > 0 {
+        eprintln!("{failed} input(s) could not be read");
+        Ok(ExitCode::from(1))
+    } else {
+        Ok(ExitCode::SUCCESS)
+    }
+}

@@ -1,0 +1,183 @@
+//! End-to-end tests of the `clip4str read` binary against the reference's strings for the tiny model.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn fixtures() -> PathBuf {
+    root().join("tests/fixtures")
+}
+
+fn clip4str(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_clip4str"))
+        .args(args)
+        .output()
+        .expect("run clip4str")
+}
+
+fn infer_json() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny_infer.json")).unwrap())
+        .unwrap()
+}
+
+/// The committed synthetic images and what the reference read.py prints for them.
+fn synth_cases() -> Vec<(PathBuf, String, f64)> {
+    let json = infer_json();
+    let mut out = Vec::new();
+    for (name, case) in json["cases"].as_object().unwrap() {
+        if !name.starts_with("synth_") {
+            continue;
+        }
+        let file = Path::new(case["image_file"].as_str().unwrap())
+            .file_name()
+            .unwrap()
+            .to_owned();
+        let decoded = &case["decoded"][0];
+        out.push((
+            fixtures().join("images").join(file),
+            decoded["pred_raw"].as_str().unwrap().to_string(),
+            decoded["confidence"].as_f64().unwrap(),
+        ));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(out.len(), 5);
+    out
+}
+
+fn parse_lines(stdout: &[u8]) -> Vec<(String, String, f64)> {
+    String::from_utf8(stdout.to_vec())
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            assert_eq!(f.len(), 3, "line {l:?}");
+            (f[0].to_string(), f[1].to_string(), f[2].parse().unwrap())
+        })
+        .collect()
+}
+
+fn check_reads_like_reference(extra: &[&str], checkpoint: &str) {
+    let cases = synth_cases();
+    let ckpt = fixtures().join(checkpoint);
+    let mut args = vec!["read", "--checkpoint", ckpt.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let paths: Vec<String> = cases.iter().map(|c| c.0.display().to_string()).collect();
+    args.extend(paths.iter().map(String::as_str));
+    let out = clip4str(&args);
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = parse_lines(&out.stdout);
+    assert_eq!(lines.len(), cases.len());
+    for ((path, text, conf), (want_path, want_text, want_conf)) in lines.iter().zip(&cases) {
+        assert_eq!(path, &want_path.display().to_string());
+        assert_eq!(text, want_text, "{path}");
+        assert!(
+            (conf - want_conf).abs() < 1e-4,
+            "{path}: {conf} vs {want_conf}"
+        );
+    }
+}
+
+#[test]
+fn lightning_ckpt_reads_like_reference() {
+    check_reads_like_reference(&[], "tiny.ckpt");
+}
+
+#[test]
+fn safetensors_and_flat_pt_with_config_read_like_reference() {
+    let cfg = fixtures().join("tiny_config.json");
+    let cfg = cfg.to_str().unwrap();
+    check_reads_like_reference(&["--config", cfg], "tiny.safetensors");
+    check_reads_like_reference(&["--config", cfg, "--batch-size", "1"], "tiny.pt");
+}
+
+#[test]
+fn folder_with_a_corrupt_image_reports_it_and_goes_on() {
+    let dir = std::env::temp_dir().join(format!("clip4str-read-{}", std::process::id()));
+    let nested = dir.join("nested");
+    std::fs::create_dir_all(&nested).unwrap();
+    for (path, _, _) in synth_cases().iter().take(2) {
+        std::fs::copy(path, nested.join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(dir.join("broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    std::fs::write(dir.join("notes.txt"), b"ignored: not an image extension").unwrap();
+    let ckpt = fixtures().join("tiny.ckpt");
+    let out = clip4str(&[
+        "read",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--format",
+        "json",
+        dir.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.contains("broken.png"), "stderr: {stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let objs: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(objs.len(), 2);
+    for o in &objs {
+        let probs = o["char_probs"].as_array().unwrap();
+        let product: f64 = probs.iter().map(|p| p.as_f64().unwrap()).product();
+        assert!((product - o["confidence"].as_f64().unwrap()).abs() < 1e-6);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn cased_filters_like_test_py() {
+    let cases = synth_cases();
+    let ckpt = fixtures().join("tiny.ckpt");
+    let img = cases[0].0.display().to_string();
+    let out = clip4str(&[
+        "read",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--punctuation",
+        "--cased",
+        &img,
+    ]);
+    assert!(out.status.success());
+    let lines = parse_lines(&out.stdout);
+    // With the full 94-character test charset nothing is filtered out of the raw prediction's characters.
+    assert!(lines[0].1.chars().all(|c| c.is_ascii_graphic()));
+}
+
+#[test]
+fn bad_checkpoint_is_a_clear_error() {
+    let img = synth_cases()[0].0.display().to_string();
+    let not_ckpt = fixtures().join("tiny_config.json");
+    let out = clip4str(&["read", "--checkpoint", not_ckpt.to_str().unwrap(), &img]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("tiny_config.json"), "stderr: {stderr}");
+
+    let out = clip4str(&["read", "--checkpoint", "/nonexistent/model.ckpt", &img]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/model.ckpt"));
+}
+
+#[test]
+fn bad_flags_are_rejected() {
+    let img = synth_cases()[0].0.display().to_string();
+    let ckpt = fixtures().join("tiny.ckpt");
+    let out = clip4str(&[
+        "read",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--batch-size",
+        "0",
+        &img,
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("batch-size"));
+}
