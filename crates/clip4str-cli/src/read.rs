@@ -97,7 +97,15 @@ fn print_prediction(
     p: &Prediction,
 ) -> std::io::Result<()> {
     match format {
-        Format::Text => writeln!(out, "{}\t{}\t{:.4}", path.display(), p.text, p.confidence),
+        Format::Text => {
+            // Four decimals for usual confidences; scientific notation keeps tiny ones informative.
+            let conf = if p.confidence >= 1e-4 || p.confidence == 0.0 {
+                format!("{:.4}", p.confidence)
+            } else {
+                format!("{:.3e}", p.confidence)
+            };
+            writeln!(out, "{}\t{}\t{conf}", path.display(), p.text)
+        }
         Format::Json => {
             let obj = serde_json::json!({
                 "path": path.display().to_string(),

@@ -161,6 +161,13 @@ fn bad_checkpoint_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
     assert!(stderr.contains("tiny_config.json"), "stderr: {stderr}");
 
+    // A flat state dict whose head counts break the released rule needs --config, and says so.
+    let pt = fixtures().join("tiny.pt");
+    let out = clip4str(&["read", "--checkpoint", pt.to_str().unwrap(), &img]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("--config"), "stderr: {stderr}");
+
     let out = clip4str(&["read", "--checkpoint", "/nonexistent/model.ckpt", &img]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/model.ckpt"));

@@ -95,9 +95,9 @@ pub struct Clip4StrConfig {
     pub dropout: f32,
 }
 
-/// How a head count can be found when a file carries no hyper-parameters.
-fn clip_heads(width: usize) -> usize {
-    (width / 64).max(1)
+/// The reference's head rule for CLIP (`width // 64`); `None` when it cannot apply (width not a multiple of 64).
+fn clip_heads(width: usize) -> Option<usize> {
+    (width >= 64 && width.is_multiple_of(64)).then_some(width / 64)
 }
 
 impl Clip4StrConfig {
@@ -203,6 +203,15 @@ impl Clip4StrConfig {
         shapes: &[(String, Vec<usize>)],
         hparams: Option<&serde_json::Value>,
     ) -> Result<Self, String> {
+        Self::from_tensors_with(shapes, hparams, None)
+    }
+
+    /// Like [`Self::from_tensors`], then applies a user override (see [`Self::apply_override`]) before validating.
+    pub fn from_tensors_with(
+        shapes: &[(String, Vec<usize>)],
+        hparams: Option<&serde_json::Value>,
+        config_override: Option<&serde_json::Value>,
+    ) -> Result<Self, String> {
         let shape = |name: &str| -> Result<&Vec<usize>, String> {
             shapes
                 .iter()
@@ -276,10 +285,10 @@ impl Clip4StrConfig {
         };
 
         let clip_arch = hp("clip_arch");
-        let text_heads = hp_usize(clip_arch.and_then(|a| a.get("transformer_heads")))
-            .unwrap_or_else(|| clip_heads(tw));
-        let vision_heads = hp_usize(clip_arch.and_then(|a| a.get("vision_heads")))
-            .unwrap_or_else(|| clip_heads(vw));
+        let text_heads =
+            hp_usize(clip_arch.and_then(|a| a.get("transformer_heads"))).or_else(|| clip_heads(tw));
+        let vision_heads =
+            hp_usize(clip_arch.and_then(|a| a.get("vision_heads"))).or_else(|| clip_heads(vw));
         let dec_heads = hp_usize(hp("dec_num_heads")).unwrap_or(8);
 
         let charset_train = hp("charset_train")
@@ -303,7 +312,7 @@ impl Clip4StrConfig {
             vision: VisionConfig {
                 width: vw,
                 layers: vl,
-                heads: vision_heads,
+                heads: vision_heads.unwrap_or(0),
                 patch_size: [ph, pw],
                 image_size,
             },
@@ -312,7 +321,7 @@ impl Clip4StrConfig {
                 positional_rows: text_pos,
                 width: tw,
                 layers: tl,
-                heads: text_heads,
+                heads: text_heads.unwrap_or(0),
             },
             embed_dim,
             decoder: DecoderConfig {
@@ -329,6 +338,10 @@ impl Clip4StrConfig {
             image_freeze_nlayer: freeze("image_freeze_nlayer", -1),
             dropout: hp("dropout").and_then(|v| v.as_f64()).unwrap_or(0.1) as f32,
         };
+        let mut cfg = cfg;
+        if let Some(json) = config_override {
+            cfg.apply_override_unchecked(json);
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -336,7 +349,12 @@ impl Clip4StrConfig {
     /// Check that head counts divide widths and the pieces fit together.
     pub fn validate(&self) -> Result<(), String> {
         let check_heads = |what: &str, width: usize, heads: usize| {
-            if heads == 0 || !width.is_multiple_of(heads) {
+            if heads == 0 {
+                Err(format!(
+                    "{what} width {width} is not a multiple of 64, so its head count cannot be inferred \
+                     (the released sizes use width / 64); give the heads in a config file (--config)"
+                ))
+            } else if !width.is_multiple_of(heads) {
                 Err(format!(
                     "{what}: width {width} is not divisible by {heads} heads"
                 ))
@@ -372,6 +390,11 @@ impl Clip4StrConfig {
     /// Apply a JSON override in the layout of `tiny_config.json` (`hyper_parameters`, `clip_arch`,
     /// `derived`) or a flat object with the same keys as this struct's fields.
     pub fn apply_override(&mut self, json: &serde_json::Value) -> Result<(), String> {
+        self.apply_override_unchecked(json);
+        self.validate()
+    }
+
+    fn apply_override_unchecked(&mut self, json: &serde_json::Value) {
         let get = |keys: &[&str]| -> Option<&serde_json::Value> {
             for section in ["derived", "clip_arch", "hyper_parameters"] {
                 if let Some(sec) = json.get(section) {
@@ -423,7 +446,6 @@ impl Clip4StrConfig {
         if let Some(v) = get(&["text_freeze_nlayer"]).and_then(|v| v.as_i64()) {
             self.text_freeze_nlayer = v;
         }
-        self.validate()
     }
 }
 

@@ -226,10 +226,10 @@ fn config_for(
         path: raw.path.clone(),
         reason,
     };
-    let mut cfg = Clip4StrConfig::from_tensors(&raw.shapes(), raw.hyper_parameters.as_ref())
-        .map_err(config_error)?;
-    if let Some(json) = config_override {
-        cfg.apply_override(json).map_err(config_error)?;
-    }
-    Ok(cfg)
+    Clip4StrConfig::from_tensors_with(
+        &raw.shapes(),
+        raw.hyper_parameters.as_ref(),
+        config_override,
+    )
+    .map_err(config_error)
 }

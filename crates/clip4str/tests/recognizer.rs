@@ -1,0 +1,179 @@
+//! The high-level API: every checkpoint format gives the same outputs; images go through the full path
+//! (decode -> Pillow bicubic -> model) exactly like the reference; bad checkpoints are clear errors.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use clip4str::checkpoint::{read_checkpoint, save_safetensors};
+use clip4str::preprocess::decode_rgb;
+use clip4str::recognizer::{Recognizer, RecognizerOptions};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn shared_fixtures() -> Option<PathBuf> {
+    let p = std::env::var_os("CLIP4STR_SHARED")
+        .map(PathBuf::from)
+        .map(|p| {
+            if p.join("fixtures").is_dir() {
+                p.join("fixtures")
+            } else {
+                p
+            }
+        })
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
+        });
+    p.join("images").is_dir().then_some(p)
+}
+
+fn tiny_config() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny_config.json")).unwrap())
+        .unwrap()
+}
+
+fn infer_fixture() -> (HashMap<String, Tensor>, serde_json::Value) {
+    let t = candle_core::safetensors::load(fixtures().join("tiny_infer.safetensors"), &Device::Cpu)
+        .unwrap();
+    let j =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny_infer.json")).unwrap())
+            .unwrap();
+    (t, j)
+}
+
+fn load(file: &str, with_config: bool) -> Recognizer {
+    let cfg = tiny_config();
+    Recognizer::from_checkpoint(
+        &fixtures().join(file),
+        with_config.then_some(&cfg),
+        RecognizerOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+#[test]
+fn all_checkpoint_formats_give_identical_outputs() {
+    let (tensors, _) = infer_fixture();
+    let batch = &tensors["batch_B_nostop/input"];
+    let reference = load("tiny.ckpt", false).trace(batch).unwrap().final_logits;
+    for (file, with_config) in [
+        ("tiny.safetensors", true),
+        ("tiny.pt", true),
+        ("tiny.ckpt", true),
+    ] {
+        let logits = load(file, with_config).trace(batch).unwrap().final_logits;
+        let diff = (logits - &reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{file} differs from tiny.ckpt");
+    }
+    // tiny.ckpt carries its head counts; the flat files need the config (their heads break the released rule).
+    assert_eq!(load("tiny.ckpt", false).config().text.heads, 2);
+    assert_eq!(load("tiny.ckpt", false).config().decoder.heads, 2);
+}
+
+#[test]
+fn photos_through_the_full_path_match_reference() {
+    let Some(shared) = shared_fixtures() else {
+        eprintln!(
+            "skipped: ../shared/fixtures/images not found (third-party photos are not in the repo)"
+        );
+        return;
+    };
+    let (tensors, json) = infer_fixture();
+    let rec = load("tiny.ckpt", false);
+    for (case, meta) in json["cases"].as_object().unwrap() {
+        let bytes = std::fs::read(shared.join(meta["image_file"].as_str().unwrap())).unwrap();
+        let img = decode_rgb(&bytes).unwrap();
+        let input = rec.preprocess(&img);
+        let want = tensors[&format!("{case}/input")]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(input, want, "{case}: preprocessed input is not bit-exact");
+        let pred = &rec.recognize(&[img]).unwrap()[0];
+        let decoded = &meta["decoded"][0];
+        assert_eq!(pred.text, decoded["pred_raw"].as_str().unwrap(), "{case}");
+        let conf = decoded["confidence"].as_f64().unwrap() as f32;
+        assert!((pred.confidence - conf).abs() <= 1e-5, "{case}");
+    }
+}
+
+#[test]
+fn batched_reading_reproduces_the_reference_batches() {
+    let (tensors, json) = infer_fixture();
+    let rec = load("tiny.ckpt", false);
+    for batch in ["batch_A_stop17", "batch_B_nostop", "batch_C_stop11"] {
+        let preds = rec
+            .recognize_batch(&tensors[&format!("{batch}/input")])
+            .unwrap();
+        let want = json["batches"][batch]["decoded"].as_array().unwrap();
+        for (p, w) in preds.iter().zip(want) {
+            assert_eq!(p.text, w["pred_raw"].as_str().unwrap(), "{batch}");
+        }
+    }
+}
+
+fn tiny_tensors() -> Vec<(String, Tensor)> {
+    read_checkpoint(&fixtures().join("tiny.safetensors"))
+        .unwrap()
+        .tensors
+}
+
+fn write_variant(name: &str, tensors: &[(String, Tensor)]) -> PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "clip4str-{}-{name}.safetensors",
+        std::process::id()
+    ));
+    save_safetensors(&path, tensors, &HashMap::new()).unwrap();
+    path
+}
+
+fn load_error(path: &PathBuf) -> String {
+    let cfg = tiny_config();
+    let err = Recognizer::from_checkpoint(path, Some(&cfg), RecognizerOptions::default())
+        .expect_err("must not load");
+    std::fs::remove_file(path).ok();
+    err.to_string()
+}
+
+#[test]
+fn missing_unexpected_and_misshapen_tensors_are_named() {
+    let mut t = tiny_tensors();
+    t.retain(|(n, _)| n != "cross_decoder.norm.bias");
+    let msg = load_error(&write_variant("missing", &t));
+    assert!(
+        msg.contains("cross_decoder.norm.bias") && msg.contains("missing"),
+        "{msg}"
+    );
+
+    let mut t = tiny_tensors();
+    t.push((
+        "cross_decoder.extra".into(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    ));
+    let msg = load_error(&write_variant("unexpected", &t));
+    assert!(msg.contains("cross_decoder.extra"), "{msg}");
+
+    let mut t = tiny_tensors();
+    for (n, v) in t.iter_mut() {
+        if n == "cross_decoder.norm.bias" {
+            *v = Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap();
+        }
+    }
+    let msg = load_error(&write_variant("shape", &t));
+    assert!(
+        msg.contains("cross_decoder.norm.bias") && msg.contains("[7]") && msg.contains("[32]"),
+        "{msg}"
+    );
+}
