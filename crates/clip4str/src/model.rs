@@ -245,6 +245,34 @@ impl Clip4Str {
         Tensor::cat(&logits, 1)
     }
 
+    /// One refinement pass: context `[BOS, argmax(prev[:, :-1])]`, every query, cloze mask, padding after EOS.
+    fn refine_pass(
+        &self,
+        decoder: &Decoder,
+        memory: &MemoryKv,
+        prev_logits: &Tensor,
+        num_steps: usize,
+    ) -> Result<Tensor> {
+        let device = prev_logits.device();
+        let (b, t, _) = prev_logits.dims3()?;
+        let query_mask = cloze_mask(num_steps, t, device)?;
+        let content_mask = cloze_mask(t, t, device)?;
+        let tgt = shift_with_bos(&argmax_ids(prev_logits)?, self.tokenizer.bos_id(), t);
+        let pad_mask = padding_mask(&tgt, self.tokenizer.eos_id(), device)?;
+        let masks = DecoderMasks {
+            query: Some(&query_mask),
+            content: Some(&content_mask),
+            padding: Some(&pad_mask),
+        };
+        decoder.forward(
+            &ids_tensor(&tgt, device)?,
+            memory,
+            &decoder.queries(b, 0, num_steps)?,
+            &masks,
+            false,
+        )
+    }
+
     /// Forward pass keeping every intermediate (SPEC §8).
     pub fn forward_trace(
         &self,
@@ -259,11 +287,7 @@ impl Clip4Str {
         let testing = opts.max_length.is_none();
         let max_len = self.cfg.max_label_length;
         let num_steps = opts.max_length.map_or(max_len, |l| l.min(max_len)) + 1;
-        let (bos, pad, eos) = (
-            self.tokenizer.bos_id(),
-            self.tokenizer.pad_id(),
-            self.tokenizer.eos_id(),
-        );
+        let (bos, pad) = (self.tokenizer.bos_id(), self.tokenizer.pad_id());
 
         // Visual AR decoding.
         let vis_kv = {
@@ -309,46 +333,14 @@ impl Clip4Str {
         let mut text_feats_refine = None;
         for _ in 0..opts.refine_iters {
             let _span = tracing::debug_span!("refine").entered();
-            let t_cur = vis_logits_cur.dim(1)?;
-            let query_mask = cloze_mask(num_steps, t_cur, &device)?;
-            let content_mask = cloze_mask(t_cur, t_cur, &device)?;
-
-            let vis_tgt = shift_with_bos(&argmax_ids(&vis_logits_cur)?, bos, t_cur);
-            let pad_mask = padding_mask(&vis_tgt, eos, &device)?;
-            let masks = DecoderMasks {
-                query: Some(&query_mask),
-                content: Some(&content_mask),
-                padding: Some(&pad_mask),
-            };
-            let vis_ref = self.visual_decoder.forward(
-                &ids_tensor(&vis_tgt, &device)?,
-                &vis_kv,
-                &self.visual_decoder.queries(b, 0, num_steps)?,
-                &masks,
-                false,
-            )?;
-
+            let vis_ref =
+                self.refine_pass(&self.visual_decoder, &vis_kv, &vis_logits_cur, num_steps)?;
             let caps = self.captions(&vis_ref, adapter)?;
             let (ids, feats) = self.text_features(&caps, &device)?;
             let cross_memory = Tensor::cat(&[&memory, &feats], 1)?;
             let cross_kv = self.cross_decoder.memory_kv(&cross_memory)?;
-            let t_cross = cross_logits_cur.dim(1)?;
-            let cross_tgt = shift_with_bos(&argmax_ids(&cross_logits_cur)?, bos, t_cross);
-            let pad_mask = padding_mask(&cross_tgt, eos, &device)?;
-            let query_mask = cloze_mask(num_steps, t_cross, &device)?;
-            let content_mask = cloze_mask(t_cross, t_cross, &device)?;
-            let masks = DecoderMasks {
-                query: Some(&query_mask),
-                content: Some(&content_mask),
-                padding: Some(&pad_mask),
-            };
-            let final_logits = self.cross_decoder.forward(
-                &ids_tensor(&cross_tgt, &device)?,
-                &cross_kv,
-                &self.cross_decoder.queries(b, 0, num_steps)?,
-                &masks,
-                false,
-            )?;
+            let final_logits =
+                self.refine_pass(&self.cross_decoder, &cross_kv, &cross_logits_cur, num_steps)?;
             vis_logits_cur = vis_ref.clone();
             cross_logits_cur = final_logits;
             refine_vis_logits = Some(vis_ref);
