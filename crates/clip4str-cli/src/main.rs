@@ -1,5 +1,6 @@
 //! `clip4str`: read scene text with CLIP4STR from the command line.
 
+mod eval;
 mod read;
 
 use std::process::ExitCode;
@@ -21,6 +22,8 @@ struct Cli {
 enum Command {
     /// Read the text in word-crop images and print `path<TAB>text<TAB>confidence`.
     Read(read::ReadArgs),
+    /// Score a checkpoint on LMDB benchmarks or labelled image folders (the reference test.py table).
+    Eval(eval::EvalArgs),
 }
 
 fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = set_threads(cli.threads).and_then(|()| match cli.command {
         Command::Read(args) => read::run(args),
+        Command::Eval(args) => eval::run(args),
     });
     match result {
         Ok(code) => code,

@@ -119,6 +119,16 @@ fn print_prediction(
     }
 }
 
+/// Reads a `--config` JSON file, if given.
+pub fn load_config(path: Option<&Path>) -> anyhow::Result<Option<serde_json::Value>> {
+    let Some(p) = path else { return Ok(None) };
+    let text =
+        std::fs::read_to_string(p).with_context(|| format!("reading config {}", p.display()))?;
+    let json =
+        serde_json::from_str(&text).with_context(|| format!("parsing config {}", p.display()))?;
+    Ok(Some(json))
+}
+
 /// Runs `read`; exit code 1 when some image could not be read.
 pub fn run(args: ReadArgs) -> anyhow::Result<ExitCode> {
     if args.batch_size == 0 {

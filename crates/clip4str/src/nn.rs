@@ -6,7 +6,8 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-/// Layer normalisation over the last dimension, biased variance, computed in f32 like CLIP's `LayerNorm`.
+/// Layer normalisation over the last dimension, biased variance, computed in f32 like CLIP's `LayerNorm`
+/// (f64 inputs stay f64, so gradients can be checked against finite differences).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -28,14 +29,19 @@ impl LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
+        let compute = if dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let x = x.to_dtype(compute)?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         normed
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)?
+            .broadcast_mul(&self.weight.to_dtype(compute)?)?
+            .broadcast_add(&self.bias.to_dtype(compute)?)?
             .to_dtype(dtype)
     }
 }

@@ -1,0 +1,61 @@
+//! Training core (SPEC §12): permutations and their attention masks, the permutation-language-modelling
+//! loss of both decoders, parameter freezing, AdamW with the reference's four parameter groups, gradient
+//! clipping and the one-cycle learning-rate schedule.
+//!
+//! The pieces compose like one Lightning training step:
+//! [`ParamStore`] (trainable tensors as `Var`s, frozen ones as constants) → [`crate::model::Clip4Str`] →
+//! [`gen_tgt_perms`] → [`training_loss`] → `loss.backward()` → [`clip_grad_norm`] → [`AdamW::step`] →
+//! [`OneCycleLr::step`].
+
+mod loss;
+mod optim;
+mod params;
+mod perms;
+mod schedule;
+
+pub use loss::{cross_entropy, training_loss, LossOptions, PermLoss, TrainingLoss};
+pub use optim::{
+    clip_grad_norm, param_group, AdamW, AdamWConfig, GradNorm, GroupSettings, OptimizerConfig,
+    ParamGroup,
+};
+pub use params::{is_trainable, trainable_names, ParamStore};
+pub use perms::{gen_tgt_perms, generate_attn_masks};
+pub use schedule::OneCycleLr;
+
+use crate::charset::CharsetError;
+
+/// Why a training computation could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A tensor operation failed (shape, dtype or device problem).
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    /// A label cannot be encoded with the training charset.
+    #[error(transparent)]
+    Label(#[from] CharsetError),
+    /// A batch without samples.
+    #[error("the training batch is empty")]
+    EmptyBatch,
+    /// A permutation that is not a reordering of `0..len`, or does not fit the target length.
+    #[error("invalid permutation {perm:?}: {reason}")]
+    InvalidPermutation {
+        /// The offending permutation.
+        perm: Vec<usize>,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A weight the configuration needs is absent or has the wrong shape.
+    #[error("parameter {name}: {reason}")]
+    Parameter {
+        /// State-dict name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Saved optimizer or scheduler state that does not fit the current model.
+    #[error("optimizer state: {0}")]
+    State(String),
+    /// A scheduler stepped past its planned number of steps, or built with impossible settings.
+    #[error("learning-rate schedule: {0}")]
+    Schedule(String),
+}

@@ -1,0 +1,294 @@
+//! Gradient guard: autograd through every building block used in training matches central finite
+//! differences in f64, and every parameter receives a gradient. A module that switched to candle's fused
+//! `layer_norm` / `softmax_last_dim` (which have no backward pass) fails here.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use clip4str::clip::transformer::ResidualAttentionBlock;
+use clip4str::config::DecoderConfig;
+use clip4str::decoder::{DecoderLayer, DecoderMasks};
+use clip4str::nn::{quick_gelu, LayerNorm, MultiheadAttention};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const STEP: f64 = 1e-5;
+const TOLERANCE: f64 = 1e-6;
+
+fn random(rng: &mut ChaCha8Rng, dims: &[usize], scale: f64) -> Tensor {
+    let n: usize = dims.iter().product();
+    let data: Vec<f64> = (0..n)
+        .map(|_| rng.random_range(-1.0..1.0) * scale)
+        .collect();
+    Tensor::from_vec(data, dims, &Device::Cpu).expect("tensor")
+}
+
+/// Fills every variable of `varmap` with non-trivial random values (LayerNorm gains != 1, biases != 0).
+fn randomize(varmap: &VarMap, rng: &mut ChaCha8Rng) -> Vec<(String, Var)> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut vars: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, var) in &vars {
+        let value = random(rng, var.dims(), 0.5);
+        let is_gain = (name.contains("norm") || name.contains("ln_")) && name.ends_with("weight");
+        let value = if is_gain {
+            (value + 1.0).expect("shift")
+        } else {
+            value
+        };
+        var.set(&value).expect("set");
+    }
+    vars
+}
+
+/// Checks d loss / d var for every `(name, var)` against central differences of `loss`.
+fn check<F: Fn() -> Tensor>(what: &str, vars: &[(String, Var)], loss: F) {
+    let grads = loss().backward().expect("backward");
+    let mut overall = 0f64;
+    for (name, var) in vars {
+        let grad = grads.get(var.as_tensor()).unwrap_or_else(|| {
+            panic!("{what}: {name} got no gradient (a fused op without backward?)")
+        });
+        let grad: Vec<f64> = grad.flatten_all().and_then(|g| g.to_vec1()).expect("grad");
+        let base: Vec<f64> = var
+            .as_tensor()
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .expect("values");
+        let scale = grad.iter().fold(0f64, |m, g| m.max(g.abs())).max(1e-3);
+        let mut worst = 0f64;
+        for i in 0..base.len() {
+            let at = |delta: f64| {
+                let mut v = base.clone();
+                v[i] += delta;
+                var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).expect("tensor"))
+                    .expect("set");
+                loss().to_scalar::<f64>().expect("scalar")
+            };
+            let numeric = (at(STEP) - at(-STEP)) / (2.0 * STEP);
+            worst = worst.max((numeric - grad[i]).abs() / scale);
+        }
+        var.set(&Tensor::from_vec(base, var.dims(), &Device::Cpu).expect("tensor"))
+            .expect("restore");
+        assert!(
+            worst < TOLERANCE,
+            "{what}: {name} gradient off by {worst:.2e} (relative to max |grad|)"
+        );
+        overall = overall.max(worst);
+    }
+    eprintln!(
+        "{what}: {} tensors, worst finite-difference error {overall:.2e} (relative to max |grad|)",
+        vars.len()
+    );
+}
+
+/// Scalar probe of an output: `sum(out * weights)` with fixed random weights.
+fn probe(out: &Tensor, weights: &Tensor) -> Tensor {
+    (out * weights).and_then(|t| t.sum_all()).expect("probe")
+}
+
+fn input_var(rng: &mut ChaCha8Rng, name: &str, dims: &[usize]) -> (String, Var) {
+    (
+        name.to_string(),
+        Var::from_tensor(&random(rng, dims, 1.0)).expect("var"),
+    )
+}
+
+#[test]
+fn layer_norm_gradients() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+    let ln = LayerNorm::new(6, vb.pp("ln_1")).expect("layer norm");
+    let mut vars = randomize(&varmap, &mut rng);
+    let x = input_var(&mut rng, "x", &[2, 3, 6]);
+    let w = random(&mut rng, &[2, 3, 6], 1.0);
+    vars.push(x.clone());
+    check("LayerNorm", &vars, || {
+        probe(&ln.forward(x.1.as_tensor()).expect("ln"), &w)
+    });
+}
+
+#[test]
+fn quick_gelu_gradients() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let x = input_var(&mut rng, "x", &[4, 5]);
+    let w = random(&mut rng, &[4, 5], 1.0);
+    check("quick_gelu", std::slice::from_ref(&x), || {
+        probe(
+            &quick_gelu(&(x.1.as_tensor() * 3.0).expect("scale")).expect("gelu"),
+            &w,
+        )
+    });
+}
+
+/// Additive mask with a few `-inf` entries but at least one visible key per row.
+fn sparse_mask(rows: usize, cols: usize) -> Tensor {
+    let data: Vec<f64> = (0..rows)
+        .flat_map(|r| {
+            (0..cols).map(move |c| {
+                if c > 0 && (r + 2 * c) % 3 == 0 {
+                    f64::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(data, (rows, cols), &Device::Cpu).expect("mask")
+}
+
+#[test]
+fn attention_gradients() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+    let mha = MultiheadAttention::new(8, 2, 0.0, vb).expect("mha");
+    let mut vars = randomize(&varmap, &mut rng);
+    let q = input_var(&mut rng, "q_in", &[2, 4, 8]);
+    let kv = input_var(&mut rng, "kv_in", &[2, 5, 8]);
+    let mask = sparse_mask(4, 5);
+    let w = random(&mut rng, &[2, 4, 8], 1.0);
+    vars.push(q.clone());
+    vars.push(kv.clone());
+    check("MultiheadAttention", &vars, || {
+        let out = mha
+            .forward(q.1.as_tensor(), kv.1.as_tensor(), Some(&mask), false)
+            .expect("attention");
+        probe(&out, &w)
+    });
+}
+
+#[test]
+fn decoder_layer_gradients() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+    let cfg = DecoderConfig {
+        dim: 8,
+        heads: 2,
+        mlp_hidden: 16,
+        depth: 1,
+    };
+    let layer = DecoderLayer::new(&cfg, 0.0, vb).expect("decoder layer");
+    let mut vars = randomize(&varmap, &mut rng);
+    let query = input_var(&mut rng, "query", &[2, 5, 8]);
+    let content = input_var(&mut rng, "content", &[2, 5, 8]);
+    let memory = input_var(&mut rng, "memory", &[2, 6, 8]);
+    let query_mask = sparse_mask(5, 5);
+    let content_mask = sparse_mask(5, 5);
+    let padding = Tensor::from_vec(
+        vec![
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            f64::NEG_INFINITY,
+            f64::NEG_INFINITY,
+        ],
+        (2, 1, 1, 5),
+        &Device::Cpu,
+    )
+    .expect("padding");
+    let wq = random(&mut rng, &[2, 5, 8], 1.0);
+    let wc = random(&mut rng, &[2, 5, 8], 1.0);
+    for v in [&query, &content, &memory] {
+        vars.push((*v).clone());
+    }
+    check("DecoderLayer", &vars, || {
+        let masks = DecoderMasks {
+            query: Some(&query_mask),
+            content: Some(&content_mask),
+            padding: Some(&padding),
+        };
+        let kv = layer.memory_kv(memory.1.as_tensor()).expect("memory kv");
+        let (q, c) = layer
+            .forward(
+                query.1.as_tensor(),
+                content.1.as_tensor(),
+                &kv,
+                &masks,
+                true,
+                false,
+            )
+            .expect("layer");
+        (probe(&q, &wq) + probe(&c, &wc)).expect("sum")
+    });
+}
+
+#[test]
+fn residual_attention_block_gradients() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+    let block = ResidualAttentionBlock::new(8, 2, vb).expect("block");
+    let mut vars = randomize(&varmap, &mut rng);
+    let x = input_var(&mut rng, "x", &[2, 5, 8]);
+    let causal = clip4str::nn::causal_mask(5, &Device::Cpu)
+        .and_then(|m| m.to_dtype(DType::F64))
+        .expect("mask");
+    let w = random(&mut rng, &[2, 5, 8], 1.0);
+    vars.push(x.clone());
+    check("ResidualAttentionBlock", &vars, || {
+        probe(
+            &block
+                .forward(x.1.as_tensor(), Some(&causal))
+                .expect("block"),
+            &w,
+        )
+    });
+}
+
+/// The modules that training differentiates must not call candle's fused ops (they have no backward pass
+/// and silently cut the gradient).
+#[test]
+fn no_fused_ops_in_trained_modules() {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
+    let files = [
+        "nn.rs",
+        "decoder.rs",
+        "model.rs",
+        "clip/transformer.rs",
+        "clip/vision.rs",
+        "clip/text.rs",
+    ];
+    let fused = [
+        "ops::layer_norm",
+        "ops::rms_norm",
+        "softmax_last_dim",
+        "candle_nn::LayerNorm",
+        "candle_nn::layer_norm",
+        "candle_nn::ops::softmax",
+    ];
+    for file in files {
+        let text = std::fs::read_to_string(src.join(file)).expect("source file");
+        for (i, line) in text.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or_default();
+            for op in fused {
+                assert!(!code.contains(op), "{file}:{}: uses fused `{op}`", i + 1);
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_ops_would_be_caught() {
+    // Sanity check of the guard itself: candle's fused softmax gives no gradient to its input.
+    let x = Var::from_tensor(&Tensor::new(&[[0.1f32, 0.7, -0.3]], &Device::Cpu).expect("t"))
+        .expect("var");
+    let w = Tensor::new(&[[1.0f32, -2.0, 0.5]], &Device::Cpu).expect("t");
+    let fused = candle_nn::ops::softmax_last_dim(x.as_tensor()).and_then(|s| (s * &w)?.sum_all());
+    let caught = match fused.and_then(|l| l.backward()) {
+        Ok(grads) => grads.get(x.as_tensor()).is_none(),
+        Err(_) => true,
+    };
+    assert!(
+        caught,
+        "fused softmax unexpectedly has a gradient; the guard's premise changed"
+    );
+}
