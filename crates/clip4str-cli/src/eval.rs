@@ -79,6 +79,9 @@ pub struct EvalArgs {
     pub dump: Option<PathBuf>,
 }
 
+/// Datasets as `(report name, folder)`.
+type NamedPaths = Vec<(String, PathBuf)>;
+
 /// One dataset to score, with its kept labels.
 struct Job {
     dataset: Box<dyn Dataset>,
@@ -96,8 +99,12 @@ struct Item {
 
 /// Datasets named by the arguments: a dataset folder is taken as is; a root contributes the benchmark group
 /// (reporting missing members) or everything under it.
-fn resolve_datasets(args: &EvalArgs) -> anyhow::Result<Vec<(String, PathBuf)>> {
+///
+/// Without `--benchmark`, a root holding any of test.py's standard benchmark names is evaluated like test.py
+/// (the standard group); the chosen group is returned for printing.
+fn resolve_datasets(args: &EvalArgs) -> anyhow::Result<(NamedPaths, Option<Benchmark>)> {
     let mut out = Vec::new();
+    let mut chosen = args.benchmark;
     for path in &args.data {
         if !path.exists() {
             anyhow::bail!("{}: no such dataset or folder", path.display());
@@ -105,7 +112,17 @@ fn resolve_datasets(args: &EvalArgs) -> anyhow::Result<Vec<(String, PathBuf)>> {
         let found = discover_datasets(path)
             .with_context(|| format!("searching {} for datasets", path.display()))?;
         let is_single = found.len() == 1 && found[0].1 == *path;
-        let wanted: Option<Vec<&str>> = match args.benchmark {
+        let holds_benchmarks = found
+            .iter()
+            .any(|(n, _)| TEST_BENCHMARK.contains(&n.as_str()));
+        let group = match args.benchmark {
+            None if holds_benchmarks && !is_single => Some(Benchmark::Std),
+            other => other,
+        };
+        if group.is_some() && chosen.is_none() {
+            chosen = group;
+        }
+        let wanted: Option<Vec<&str>> = match group {
             _ if is_single => None,
             Some(Benchmark::Std) => Some(TEST_BENCHMARK.to_vec()),
             Some(Benchmark::New) => Some(TEST_NEW.to_vec()),
@@ -139,7 +156,7 @@ fn resolve_datasets(args: &EvalArgs) -> anyhow::Result<Vec<(String, PathBuf)>> {
             None => out.extend(found),
         }
     }
-    Ok(out)
+    Ok((out, chosen))
 }
 
 fn load_item(
@@ -181,7 +198,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
 
     let mut jobs = Vec::new();
     let mut failed_total = 0usize;
-    for (name, path) in resolve_datasets(&args)? {
+    let (datasets, benchmark) = resolve_datasets(&args)?;
+    for (name, path) in datasets {
         let dataset =
             open_dataset_as(&path, &name).with_context(|| format!("opening {}", path.display()))?;
         let mut labels = dataset
@@ -308,7 +326,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let images_per_second = scored as f64 / seconds.max(1e-9);
     failed_total += results.iter().map(|r| r.failed_records).sum::<usize>();
 
-    print_results(&args, &results, images_per_second, seconds)?;
+    print_results(args.format, benchmark, &results, images_per_second, seconds)?;
     if failed_total > 0 {
         eprintln!("{failed_total} record(s) could not be read");
         return Ok(ExitCode::from(1));
@@ -317,14 +335,15 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn print_results(
-    args: &EvalArgs,
+    format: Format,
+    benchmark: Option<Benchmark>,
     results: &[DatasetResult],
     ips: f64,
     seconds: f64,
 ) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    match args.format {
+    match format {
         Format::Text => {
             let mut groups: Vec<(&str, Vec<DatasetResult>)> = Vec::new();
             let pick = |names: &[&str]| -> Vec<DatasetResult> {
@@ -333,7 +352,7 @@ fn print_results(
                     .filter_map(|n| results.iter().find(|r| r.name == *n).cloned())
                     .collect()
             };
-            match args.benchmark {
+            match benchmark {
                 Some(Benchmark::Std) => groups.push(("Benchmark", pick(&TEST_BENCHMARK))),
                 Some(Benchmark::New) => groups.push(("New", pick(&TEST_NEW))),
                 Some(Benchmark::All) => {

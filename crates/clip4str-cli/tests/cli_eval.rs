@@ -111,8 +111,6 @@ fn own_lmdb_with_a_corrupt_record_is_scored_and_reported() {
         &ckpt(),
         "--data",
         root.to_str().unwrap(),
-        "--benchmark",
-        "std",
         "--batch-size",
         "1",
         "--dump",
