@@ -74,6 +74,10 @@ pub struct EvalArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    /// Decode every image as if it were alone, so results do not depend on the batch (the reference stops
+    /// a batch only when all images have ended).
+    #[arg(long)]
+    pub per_sample_stop: bool,
     /// Write one JSON line per sample (dataset, index, key, label, prediction, confidence, correct).
     #[arg(long)]
     pub dump: Option<PathBuf>,
@@ -189,6 +193,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         charset_test: Some(charset.clone()),
         filter_output: true,
         batch_size: args.batch_size,
+        per_sample_stop: args.per_sample_stop,
         ..Default::default()
     };
     let rec = Recognizer::from_checkpoint(&args.checkpoint, config.as_ref(), opts)

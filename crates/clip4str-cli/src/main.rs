@@ -2,6 +2,7 @@
 
 mod eval;
 mod read;
+// mod train; // pending
 
 use std::process::ExitCode;
 

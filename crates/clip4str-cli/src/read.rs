@@ -42,6 +42,10 @@ pub struct ReadArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    /// Decode every image as if it were alone, so results do not depend on the batch (the reference stops
+    /// a batch only when all images have ended).
+    #[arg(long)]
+    pub per_sample_stop: bool,
     /// Image files or folders (searched recursively).
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
@@ -150,6 +154,7 @@ pub fn run(args: ReadArgs) -> anyhow::Result<ExitCode> {
         charset_test: filter.then(|| charset_test(args.cased, args.punctuation)),
         filter_output: filter,
         batch_size: args.batch_size,
+        per_sample_stop: args.per_sample_stop,
         ..Default::default()
     };
     let recognizer = Recognizer::from_checkpoint(&args.checkpoint, config.as_ref(), opts)

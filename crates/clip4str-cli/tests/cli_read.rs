@@ -188,3 +188,28 @@ fn bad_flags_are_rejected() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("batch-size"));
 }
+
+#[test]
+fn per_sample_stop_gives_batch_independent_results() {
+    let cases = synth_cases();
+    let ckpt = fixtures().join("tiny.ckpt");
+    let paths: Vec<String> = cases.iter().map(|c| c.0.display().to_string()).collect();
+    let mut args = vec![
+        "read",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--per-sample-stop",
+        "--batch-size",
+        "5",
+    ];
+    args.extend(paths.iter().map(String::as_str));
+    let out = clip4str(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for ((_, text, _), (_, want, _)) in parse_lines(&out.stdout).iter().zip(&cases) {
+        assert_eq!(text, want);
+    }
+}

@@ -4,9 +4,10 @@
 //! * safetensors (F32/F16/BF16/... converted to f32, `__metadata__` kept);
 //! * Lightning `.ckpt` (`torch.save({'state_dict', 'hyper_parameters', ...})`);
 //! * flat `.pt`/`.bin` state dicts (released CLIP4STR `.pt`, OpenCLIP `.bin`) and dicts that
-//!   nest the weights under `state_dict`/`model`.
+//!   nest the weights under `state_dict`/`model`;
+//! * TorchScript archives (`torch.jit.save`, e.g. OpenAI's original CLIP `.pt`): the tensors of the
+//!   pickled module tree under their dotted attribute paths, as `torch.jit.load(f).state_dict()`.
 //!
-//! TorchScript archives (original OpenAI CLIP `.pt`) are recognised and rejected for now.
 //! No Python code is ever executed: pickles are interpreted by a small reader of our own.
 
 mod pickle;
@@ -35,6 +36,9 @@ pub enum CheckpointFormat {
     LightningCkpt,
     /// `torch.save` of a state dict, flat or nested under `model`/`state_dict`.
     TorchStateDict,
+    /// `torch.jit.save` of a module (OpenAI CLIP `.pt`); names are attribute paths, and the
+    /// JIT-only buffers (`input_resolution`, ...) are kept as stored.
+    TorchScript,
 }
 
 /// Every tensor of a checkpoint as f32 on the CPU, plus what the file says about the model.
@@ -86,7 +90,7 @@ pub enum LoadError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// Not a checkpoint we can read (text, image, TorchScript, legacy torch format, ...).
+    /// Not a checkpoint we can read (text, image, legacy torch format, ...).
     #[error("checkpoint {}: unsupported format: {reason}", .path.display())]
     UnsupportedFormat { path: PathBuf, reason: String },
     /// A known format whose content is inconsistent, usually an incomplete download.

@@ -169,7 +169,16 @@ impl Clip4StrConfig {
         cfg
     }
 
-    /// Preset by name (`b16`, `b32`, `l14`, `h14`, `tiny`).
+    /// A small model for training from scratch on CPU: 32x128 input, 4x8 patches, ViT 192 wide / 6 blocks.
+    pub fn small() -> Self {
+        let mut cfg = Self::preset((192, 6, 3, 4), (128, 4, 2), 192);
+        cfg.vision.image_size = [32, 128];
+        cfg.vision.patch_size = [4, 8];
+        cfg.text_freeze_nlayer = 0;
+        cfg
+    }
+
+    /// Preset by name (`b16`, `b32`, `l14`, `h14`, `tiny`, `small`).
     pub fn by_name(name: &str) -> Option<Self> {
         match name.to_ascii_lowercase().as_str() {
             "b16" | "base16" | "base" => Some(Self::base16()),
@@ -177,6 +186,7 @@ impl Clip4StrConfig {
             "l14" | "large14" | "large" => Some(Self::large14()),
             "h14" | "huge14" | "huge" => Some(Self::huge14()),
             "tiny" => Some(Self::tiny()),
+            "small" => Some(Self::small()),
             _ => None,
         }
     }

@@ -93,6 +93,26 @@ impl DecoderLayer {
         tgt + dropout(&mlp, p, train)?
     }
 
+    /// Self-attention keys/values of content positions: `self_attn` projections of `norm_c(content)`.
+    ///
+    /// A content position depends only on its own token, so decoding can project each new position once.
+    pub fn content_kv(&self, content: &Tensor) -> Result<KeyValue> {
+        self.self_attn.key_value(&self.norm_c.forward(content)?)
+    }
+
+    /// The query stream alone over already projected content keys/values (what depth-1 decoding needs).
+    pub fn query_stream(
+        &self,
+        query: &Tensor,
+        content_kv: &KeyValue,
+        memory: &KeyValue,
+        mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let query_norm = self.norm_q.forward(query)?;
+        self.stream(query, &query_norm, content_kv, memory, mask, train)
+    }
+
     /// Returns the updated `(query, content)`; both streams attend to `norm_c(content)`.
     pub fn forward(
         &self,
@@ -130,6 +150,12 @@ impl DecoderLayer {
         };
         Ok((new_query, new_content))
     }
+}
+
+/// Content-stream keys/values of the positions decoded so far (depth-1 incremental decoding).
+#[derive(Debug, Clone, Default)]
+pub struct ContentCache {
+    kv: Option<KeyValue>,
 }
 
 /// Memory keys/values of every layer, computed once per forward and reused by every decoding step.
@@ -226,6 +252,45 @@ impl Decoder {
             content = c;
         }
         self.head.forward(&self.norm.forward(&query)?)
+    }
+
+    /// True when greedy decoding can reuse per-position content keys/values (one layer, as released).
+    pub fn supports_incremental(&self) -> bool {
+        self.layers.len() == 1
+    }
+
+    /// Appends content position `pos` (token ids `[B, 1]`) to `cache`: its embedding is projected once.
+    pub fn extend_content(
+        &self,
+        cache: &mut ContentCache,
+        tokens: &Tensor,
+        pos: usize,
+    ) -> Result<()> {
+        let emb = self.embed(tokens)?;
+        let emb = if pos == 0 {
+            emb
+        } else {
+            emb.broadcast_add(&self.pos_queries.narrow(1, pos - 1, 1)?)?
+        };
+        let kv = self.layers[0].content_kv(&emb)?;
+        cache.kv = Some(match cache.kv.take() {
+            None => kv,
+            Some(prev) => KeyValue {
+                k: Tensor::cat(&[&prev.k, &kv.k], 2)?,
+                v: Tensor::cat(&[&prev.v, &kv.v], 2)?,
+            },
+        });
+        Ok(())
+    }
+
+    /// One decoding step of a depth-1 decoder: `query [B, 1, D]` over the cached content -> logits `[B, 1, C]`.
+    pub fn step(&self, cache: &ContentCache, memory: &MemoryKv, query: &Tensor) -> Result<Tensor> {
+        let kv = cache
+            .kv
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("decoding step before any content".into()))?;
+        let q = self.layers[0].query_stream(query, kv, &memory.layers[0], None, false)?;
+        self.head.forward(&self.norm.forward(&q)?)
     }
 
     /// Position queries `[B, n, D]` starting at `start`.

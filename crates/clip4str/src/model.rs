@@ -13,7 +13,7 @@ use crate::clip::bpe::ClipBpe;
 use crate::clip::text::TextTransformer;
 use crate::clip::vision::VisionTransformer;
 use crate::config::Clip4StrConfig;
-use crate::decoder::{Decoder, DecoderMasks, MemoryKv};
+use crate::decoder::{ContentCache, Decoder, DecoderMasks, MemoryKv};
 use crate::nn::causal_mask;
 
 /// The whole CLIP4STR network; field names follow the state-dict prefixes.
@@ -49,6 +49,9 @@ pub struct ForwardOptions {
     pub max_length: Option<usize>,
     /// Refinement passes (the release uses 1).
     pub refine_iters: usize,
+    /// Each sample decodes as if it were alone (its own stopping step), so results do not depend on the
+    /// batch; the default reproduces the reference's batch-wide early stop.
+    pub per_sample_stop: bool,
 }
 
 impl Default for ForwardOptions {
@@ -56,6 +59,7 @@ impl Default for ForwardOptions {
         Self {
             max_length: None,
             refine_iters: 1,
+            per_sample_stop: false,
         }
     }
 }
@@ -218,18 +222,25 @@ impl Clip4Str {
         let b = tgt.len();
         let eos = self.tokenizer.eos_id();
         let mut logits = Vec::with_capacity(steps);
+        let mut cache = ContentCache::default();
         for i in 0..steps {
             let j = i + 1;
-            let prefix: Vec<Vec<u32>> = tgt.iter().map(|r| r[..j].to_vec()).collect();
-            let content_mask = causal_mask(j, device)?;
-            let masks = DecoderMasks {
-                query: None, // row i of the causal mask over j columns is all zeros
-                content: Some(&content_mask),
-                padding: None,
-            };
             let query = decoder.queries(b, i, 1)?;
-            let p_i =
-                decoder.forward(&ids_tensor(&prefix, device)?, memory, &query, &masks, false)?;
+            let p_i = if decoder.supports_incremental() {
+                // Only the new content position is embedded and projected; earlier ones are cached.
+                let column: Vec<Vec<u32>> = tgt.iter().map(|r| vec![r[i]]).collect();
+                decoder.extend_content(&mut cache, &ids_tensor(&column, device)?, i)?;
+                decoder.step(&cache, memory, &query)?
+            } else {
+                let prefix: Vec<Vec<u32>> = tgt.iter().map(|r| r[..j].to_vec()).collect();
+                let content_mask = causal_mask(j, device)?;
+                let masks = DecoderMasks {
+                    query: None, // row i of the causal mask over j columns is all zeros
+                    content: Some(&content_mask),
+                    padding: None,
+                };
+                decoder.forward(&ids_tensor(&prefix, device)?, memory, &query, &masks, false)?
+            };
             if j < steps {
                 let next = p_i.squeeze(1)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
                 for (row, id) in tgt.iter_mut().zip(next) {
@@ -252,12 +263,22 @@ impl Clip4Str {
         memory: &MemoryKv,
         prev_logits: &Tensor,
         num_steps: usize,
+        lengths: Option<&[usize]>,
     ) -> Result<Tensor> {
         let device = prev_logits.device();
         let (b, t, _) = prev_logits.dims3()?;
         let query_mask = cloze_mask(num_steps, t, device)?;
         let content_mask = cloze_mask(t, t, device)?;
-        let tgt = shift_with_bos(&argmax_ids(prev_logits)?, self.tokenizer.bos_id(), t);
+        let mut tgt = shift_with_bos(&argmax_ids(prev_logits)?, self.tokenizer.bos_id(), t);
+        if let Some(lengths) = lengths {
+            // Context beyond a sample's own length becomes EOS, which the padding mask hides: the
+            // attention then equals that of a context of exactly its own length.
+            for (row, &len) in tgt.iter_mut().zip(lengths) {
+                for tok in row.iter_mut().skip(len.max(1)) {
+                    *tok = self.tokenizer.eos_id();
+                }
+            }
+        }
         let pad_mask = padding_mask(&tgt, self.tokenizer.eos_id(), device)?;
         let masks = DecoderMasks {
             query: Some(&query_mask),
@@ -313,6 +334,17 @@ impl Clip4Str {
             )?
         };
         let t = vis_logits.dim(1)?;
+        // Each sample's own AR length: the step after its first EOS (what it would run alone).
+        let lengths: Option<Vec<usize>> = (opts.per_sample_stop && testing).then(|| {
+            tgt.iter()
+                .map(|row| {
+                    row[1..t.min(row.len())]
+                        .iter()
+                        .position(|&x| x == self.tokenizer.eos_id())
+                        .map_or(t, |p| p + 1)
+                })
+                .collect()
+        });
 
         // Cross-modal features from the visual prediction, then cross-modal AR decoding (no early stop).
         let captions_ar = self.captions(&vis_logits, adapter)?;
@@ -333,14 +365,25 @@ impl Clip4Str {
         let mut text_feats_refine = None;
         for _ in 0..opts.refine_iters {
             let _span = tracing::debug_span!("refine").entered();
-            let vis_ref =
-                self.refine_pass(&self.visual_decoder, &vis_kv, &vis_logits_cur, num_steps)?;
+            let vis_ref = self.refine_pass(
+                &self.visual_decoder,
+                &vis_kv,
+                &vis_logits_cur,
+                num_steps,
+                lengths.as_deref(),
+            )?;
             let caps = self.captions(&vis_ref, adapter)?;
             let (ids, feats) = self.text_features(&caps, &device)?;
             let cross_memory = Tensor::cat(&[&memory, &feats], 1)?;
             let cross_kv = self.cross_decoder.memory_kv(&cross_memory)?;
-            let final_logits =
-                self.refine_pass(&self.cross_decoder, &cross_kv, &cross_logits_cur, num_steps)?;
+            let final_logits = self.refine_pass(
+                &self.cross_decoder,
+                &cross_kv,
+                &cross_logits_cur,
+                num_steps,
+                lengths.as_deref(),
+            )?;
+            // A second pass refines the refined logits over the full query length.
             vis_logits_cur = vis_ref.clone();
             cross_logits_cur = final_logits;
             refine_vis_logits = Some(vis_ref);

@@ -41,6 +41,8 @@ pub struct RecognizerOptions {
     pub max_length: Option<usize>,
     /// Normalisation of the input (0.5/0.5 at test time).
     pub normalization: Normalization,
+    /// Decode each image as if alone (results independent of the batch; see `ForwardOptions`).
+    pub per_sample_stop: bool,
 }
 
 impl Default for RecognizerOptions {
@@ -52,6 +54,7 @@ impl Default for RecognizerOptions {
             refine_iters: 1,
             max_length: None,
             normalization: Normalization::TEST,
+            per_sample_stop: false,
         }
     }
 }
@@ -171,6 +174,7 @@ impl Recognizer {
         let opts = ForwardOptions {
             max_length: self.opts.max_length,
             refine_iters: self.opts.refine_iters,
+            per_sample_stop: self.opts.per_sample_stop,
         };
         Ok(self.model.forward_trace(batch, &self.adapter, &opts)?)
     }

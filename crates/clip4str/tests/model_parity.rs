@@ -235,7 +235,7 @@ fn batches_match_reference_including_early_stop() {
         // Validation mode: max_length=7, no early stop.
         let opts = ForwardOptions {
             max_length: Some(7),
-            refine_iters: 1,
+            ..ForwardOptions::default()
         };
         let v = model.forward_trace(input, &adapter, &opts).unwrap();
         let d = max_abs_diff(
@@ -260,4 +260,30 @@ fn edge_case_t1_with_overridden_bias() {
     assert_eq!(trace.num_ar_steps, 1);
     let stages = compare(&fx, "edge_T1", &trace);
     report("edge_T1", &stages);
+}
+
+#[test]
+fn per_sample_stop_makes_batches_equal_single_images() {
+    let fx = fixture();
+    let model = load_model(&[]);
+    let adapter = CharsetAdapter::new(fx.json["charset_test"].as_str().unwrap());
+    let opts = ForwardOptions {
+        per_sample_stop: true,
+        ..ForwardOptions::default()
+    };
+    for batch in ["batch_A_stop17", "batch_B_nostop", "batch_C_stop11"] {
+        let input = &fx.tensors[&format!("{batch}/input")];
+        let trace = model.forward_trace(input, &adapter, &opts).unwrap();
+        let images = fx.json["batches"][batch]["images"].as_array().unwrap();
+        for (i, image) in images.iter().enumerate() {
+            let case = image.as_str().unwrap();
+            let single = &fx.tensors[&format!("{case}/final_logits")];
+            let ours = trace.final_logits.narrow(0, i, 1).unwrap();
+            let d = max_abs_diff(&ours, single);
+            assert!(
+                d <= 1e-4,
+                "{batch}[{i}] ({case}): differs from its single run by {d}"
+            );
+        }
+    }
 }

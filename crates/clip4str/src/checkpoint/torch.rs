@@ -1,7 +1,11 @@
-//! `torch.save` zip archives: Lightning `.ckpt`, flat `.pt` state dicts, OpenCLIP `.bin`.
+//! PyTorch zip archives: `torch.save` files (Lightning `.ckpt`, flat `.pt` state dicts, OpenCLIP
+//! `.bin`) and `torch.jit.save` TorchScript modules (OpenAI's released CLIP `.pt`).
 //!
 //! Layout: `<name>/data.pkl` (the pickled object), `<name>/data/<key>` (raw storages, stored
-//! uncompressed), `<name>/byteorder`. TorchScript archives also carry `constants.pkl` and `code/`.
+//! uncompressed), `<name>/byteorder`. TorchScript archives also carry `constants.pkl` and `code/`;
+//! their `data.pkl` pickles the module itself: each module is a `__torch__.*` object whose `BUILD`
+//! state is a dict of its attributes (submodules, parameters, buffers, flags), so the dotted path of
+//! a tensor attribute is its state-dict name.
 
 use std::fs::File;
 use std::io::{BufReader, Read};
@@ -41,16 +45,9 @@ pub(super) fn read(path: &Path) -> Result<Loaded, LoadError> {
         .filter_map(|n| n.ok().map(|n| n.into_owned()))
         .collect();
 
-    if names
+    let torchscript = names
         .iter()
-        .any(|n| n.ends_with("constants.pkl") || n.starts_with("code/") || n.contains("/code/"))
-    {
-        return Err(unsupported(
-            "TorchScript archive (torch.jit.save, e.g. an original OpenAI CLIP .pt) is not \
-             supported yet; load it in Python and save its state_dict() with torch.save"
-                .to_string(),
-        ));
-    }
+        .any(|n| n.ends_with("constants.pkl") || n.starts_with("code/") || n.contains("/code/"));
     let pickle_name = names
         .iter()
         .filter(|n| *n == "data.pkl" || (n.ends_with("/data.pkl") && n.matches('/').count() == 1))
@@ -79,6 +76,30 @@ pub(super) fn read(path: &Path) -> Result<Loaded, LoadError> {
         Pickle::parse(&pickle_bytes).map_err(|e| corrupt(format!("{pickle_name}: {e}")))?;
 
     let root = pickle.root;
+    let module_class = pickle
+        .class_name(root)
+        .filter(|class| class.starts_with("__torch__."));
+    if torchscript || module_class.is_some() {
+        let refs = module_tensors(&pickle, root).map_err(corrupt)?;
+        if refs.is_empty() {
+            return Err(LoadError::Empty {
+                path: path.to_path_buf(),
+            });
+        }
+        let mut notes = vec![format!(
+            "TorchScript module {}: {} tensors named by their attribute paths",
+            module_class.as_deref().unwrap_or("(dict)"),
+            refs.len()
+        )];
+        let tensors = load_all(path, &mut zip, &prefix, big_endian, refs, &mut notes)?;
+        return Ok(Loaded {
+            format: CheckpointFormat::TorchScript,
+            tensors,
+            hyper_parameters: None,
+            metadata: Default::default(),
+            notes,
+        });
+    }
     if pickle.dict_items(root).is_none() {
         let what = pickle
             .class_name(root)
@@ -141,7 +162,33 @@ pub(super) fn read(path: &Path) -> Result<Loaded, LoadError> {
             path: path.to_path_buf(),
         });
     }
+    let tensors = load_all(path, &mut zip, &prefix, big_endian, refs, &mut notes)?;
+    Ok(Loaded {
+        format,
+        tensors,
+        hyper_parameters,
+        metadata: Default::default(),
+        notes,
+    })
+}
 
+/// Reads every referenced tensor as f32, noting the storage types that were converted.
+fn load_all(
+    path: &Path,
+    zip: &mut Archive,
+    prefix: &str,
+    big_endian: bool,
+    refs: Vec<(String, &TensorRef)>,
+    notes: &mut Vec<String>,
+) -> Result<Vec<(String, Tensor)>, LoadError> {
+    let corrupt = |reason: String| LoadError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let unsupported = |reason: String| LoadError::UnsupportedFormat {
+        path: path.to_path_buf(),
+        reason,
+    };
     let mut tensors = Vec::with_capacity(refs.len());
     let mut source_types: Vec<&str> = Vec::new();
     for (name, tref) in refs {
@@ -154,7 +201,7 @@ pub(super) fn read(path: &Path) -> Result<Loaded, LoadError> {
         if !source_types.contains(&tref.storage_type.as_str()) {
             source_types.push(&tref.storage_type);
         }
-        let tensor = load_tensor(&mut zip, &prefix, big_endian, elem, tref)
+        let tensor = load_tensor(zip, prefix, big_endian, elem, tref)
             .map_err(|reason| corrupt(format!("tensor {name}: {reason}")))?
             .map_err(|source| LoadError::Tensor {
                 path: path.to_path_buf(),
@@ -165,13 +212,74 @@ pub(super) fn read(path: &Path) -> Result<Loaded, LoadError> {
     if source_types.iter().any(|t| *t != "FloatStorage") {
         notes.push(format!("converted to f32 from {}", source_types.join(", ")));
     }
-    Ok(Loaded {
-        format,
-        tensors,
-        hyper_parameters,
-        metadata: Default::default(),
-        notes,
-    })
+    Ok(tensors)
+}
+
+/// Deepest module nesting we follow; real models nest a few levels, deeper means a damaged file.
+const MAX_MODULE_DEPTH: usize = 256;
+
+/// Every tensor attribute of a TorchScript module tree with its dotted path (`visual.conv1.weight`),
+/// depth first in attribute order, like `Module.state_dict()`.
+///
+/// A module is an object whose `BUILD` state is a dict of attributes; a plain dict root (a
+/// TorchScript archive of a dict) is read like one module. Attributes that are neither tensors nor
+/// modules (`training`, ints, `None` biases) are skipped. An object reached again through its own
+/// attributes (a cycle, impossible in a real module tree) is not entered twice.
+fn module_tensors(pickle: &Pickle, root: Id) -> Result<Vec<(String, &TensorRef)>, String> {
+    let mut out = Vec::new();
+    let mut path: Vec<Id> = Vec::new();
+    walk_module(pickle, root, String::new(), &mut path, &mut out)?;
+    Ok(out)
+}
+
+fn walk_module<'p>(
+    pickle: &'p Pickle,
+    id: Id,
+    name: String,
+    path: &mut Vec<Id>,
+    out: &mut Vec<(String, &'p TensorRef)>,
+) -> Result<(), String> {
+    match pickle.node(id) {
+        Node::Tensor(t) if !name.is_empty() => {
+            out.push((name, t));
+            return Ok(());
+        }
+        Node::BadTensor(reason) => return Err(format!("tensor {name}: {reason}")),
+        _ => {}
+    }
+    let attributes = match pickle.node(id) {
+        Node::Object {
+            state: Some(state), ..
+        } => pickle.dict_items(*state),
+        // A dict is only walked at the root: dict-valued attributes are not module state.
+        Node::Dict { .. } if path.is_empty() => pickle.dict_items(id),
+        _ => None,
+    };
+    let Some(attributes) = attributes else {
+        return Ok(());
+    };
+    if path.contains(&id) {
+        return Ok(());
+    }
+    if path.len() >= MAX_MODULE_DEPTH {
+        return Err(format!(
+            "module {name} is nested more than {MAX_MODULE_DEPTH} levels deep"
+        ));
+    }
+    path.push(id);
+    for &(key, value) in attributes {
+        let Some(attr) = pickle.str(key) else {
+            continue;
+        };
+        let child = if name.is_empty() {
+            attr.to_string()
+        } else {
+            format!("{name}.{attr}")
+        };
+        walk_module(pickle, value, child, path, out)?;
+    }
+    path.pop();
+    Ok(())
 }
 
 /// The first nested dict (e.g. `checkpoint['state_dict']`) that holds at least one tensor.
@@ -249,7 +357,14 @@ fn load_tensor(
         ));
     }
     let size = elem.size();
-    let record = format!("{prefix}data/{}", tref.storage_key);
+    // torch.save and torch.jit.save keep storages under `data/`; some TorchScript writers use `.data/`.
+    let record = [
+        format!("{prefix}data/{}", tref.storage_key),
+        format!("{prefix}.data/{}", tref.storage_key),
+    ]
+    .into_iter()
+    .find(|r| zip.index_for_name(r).is_some())
+    .unwrap_or_else(|| format!("{prefix}data/{}", tref.storage_key));
     let entry = zip
         .by_name(&record)
         .map_err(|e| format!("storage record {record} cannot be read ({e})"))?;

@@ -13,6 +13,9 @@ mod params;
 mod perms;
 mod schedule;
 
+pub mod init;
+// mod trainer; // enabled once data::loader and train::init land
+
 pub use loss::{cross_entropy, training_loss, LossOptions, PermLoss, TrainingLoss};
 pub use optim::{
     clip_grad_norm, param_group, AdamW, AdamWConfig, GradNorm, GroupSettings, OptimizerConfig,
@@ -21,6 +24,7 @@ pub use optim::{
 pub use params::{is_trainable, trainable_names, ParamStore};
 pub use perms::{gen_tgt_perms, generate_attn_masks};
 pub use schedule::OneCycleLr;
+// pub use trainer::{hyper_parameters, DataSpec, InitSpec, ModelSpec, OptimSpec, RunSpec, StepMetrics, TrainConfig, TrainObserver, Trainer};
 
 use crate::charset::CharsetError;
 
@@ -55,6 +59,15 @@ pub enum TrainError {
     /// Saved optimizer or scheduler state that does not fit the current model.
     #[error("optimizer state: {0}")]
     State(String),
+    /// A training configuration that cannot run (bad value, missing file, existing run).
+    #[error("{0}")]
+    Config(String),
+    /// A checkpoint could not be read or written.
+    #[error(transparent)]
+    Load(#[from] crate::checkpoint::LoadError),
+    /// Training or validation data could not be read.
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
     /// A scheduler stepped past its planned number of steps, or built with impossible settings.
     #[error("learning-rate schedule: {0}")]
     Schedule(String),

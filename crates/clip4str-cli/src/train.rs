@@ -1,0 +1,215 @@
+//! `clip4str train`: PSM training / fine-tuning with progress bar, Ctrl-C checkpointing and a loss plot.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use clip4str::train::{StepMetrics, TrainConfig, TrainObserver, Trainer};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Arguments of `clip4str train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Training configuration (TOML: [model], [init], [data], [optim], [run]).
+    #[arg(long, required_unless_present = "resume", conflicts_with = "resume")]
+    pub config: Option<PathBuf>,
+    /// Continue the run in this output directory from its last checkpoint.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Override run.output_dir.
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    /// Override optim.max_steps.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Override optim.batch_size.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Override optim.lr (before the linear scaling rule).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Override run.val_interval.
+    #[arg(long)]
+    pub val_interval: Option<usize>,
+    /// Override run.seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+/// Progress bar, and `loss.png` re-drawn at every validation.
+struct CliObserver {
+    bar: ProgressBar,
+    plot: PathBuf,
+}
+
+impl TrainObserver for CliObserver {
+    fn on_step(&mut self, m: &StepMetrics) {
+        self.bar.set_position(m.step as u64);
+        let val = m
+            .val_accuracy
+            .map(|a| format!(" val {a:.2}%"))
+            .unwrap_or_default();
+        self.bar.set_message(format!(
+            "loss {:.4} lr {:.2e} {:.1} img/s{val}",
+            m.loss, m.lr, m.images_per_second
+        ));
+        if !self.bar.is_hidden() {
+            return;
+        }
+        // Not a terminal: one plain line per logged step.
+        eprintln!(
+            "step {}/{} epoch {} loss {:.4} lr {:.3e} grad-norm {:.3} {:.1} img/s{val}",
+            m.step, m.total_steps, m.epoch, m.loss, m.lr, m.grad_norm, m.images_per_second
+        );
+    }
+
+    fn on_validation(&mut self, _m: &StepMetrics, history: &[StepMetrics]) {
+        if let Err(e) = draw_loss(&self.plot, history) {
+            self.bar
+                .suspend(|| eprintln!("warning: cannot draw {}: {e:#}", self.plot.display()));
+        }
+    }
+}
+
+/// A system font for plot labels; none found means an unlabelled plot.
+fn register_plot_font() -> bool {
+    static DONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DONE.get_or_init(|| {
+        let candidates = [
+            "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+            "/usr/share/fonts/truetype/liberation2/LiberationSans-Regular.ttf",
+            "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+        ];
+        for c in candidates {
+            if let Ok(bytes) = std::fs::read(c) {
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes)
+                    .is_ok()
+                {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+}
+
+fn draw_loss(path: &Path, history: &[StepMetrics]) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    if history.is_empty() {
+        return Ok(());
+    }
+    let labelled = register_plot_font();
+    let max_step = history.iter().map(|m| m.step).max().unwrap_or(1).max(1) as f64;
+    let max_loss = history.iter().map(|m| m.loss).fold(0.0f64, f64::max).max(1e-3) * 1.05;
+    let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut builder = ChartBuilder::on(&root);
+    builder.margin(15);
+    if labelled {
+        builder
+            .caption("training loss", ("sans-serif", 22))
+            .x_label_area_size(35)
+            .y_label_area_size(55);
+    }
+    let mut chart = builder.build_cartesian_2d(0f64..max_step, 0f64..max_loss)?;
+    if labelled {
+        chart.configure_mesh().x_desc("step").y_desc("loss").draw()?;
+    }
+    chart.draw_series(LineSeries::new(
+        history.iter().map(|m| (m.step as f64, m.loss)),
+        &BLUE,
+    ))?;
+    root.present()?;
+    Ok(())
+}
+
+/// Runs `train`.
+pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let mut trainer = match (&args.resume, &args.config) {
+        (Some(dir), _) => Trainer::resume(dir).with_context(|| format!("resuming {}", dir.display()))?,
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let mut cfg = TrainConfig::from_toml(&text).with_context(|| format!("parsing {}", path.display()))?;
+            if let Some(d) = &args.output_dir {
+                cfg.run.output_dir = d.clone();
+            }
+            if let Some(s) = args.max_steps {
+                cfg.optim.max_steps = Some(s);
+            }
+            if let Some(b) = args.batch_size {
+                cfg.optim.batch_size = b;
+            }
+            if let Some(lr) = args.lr {
+                cfg.optim.lr = lr;
+            }
+            if let Some(v) = args.val_interval {
+                cfg.run.val_interval = v;
+            }
+            if let Some(s) = args.seed {
+                cfg.run.seed = s;
+            }
+            Trainer::new(cfg).with_context(|| format!("starting the run of {}", path.display()))?
+        }
+        (None, None) => anyhow::bail!("give --config FILE.toml or --resume DIR"),
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                // Second Ctrl-C: the user insists.
+                std::process::exit(130);
+            }
+        })
+        .context("installing the Ctrl-C handler")?;
+    }
+
+    let out_dir = match (&args.resume, &args.output_dir) {
+        (Some(d), _) => d.clone(),
+        (None, Some(d)) => d.clone(),
+        (None, None) => {
+            let text = std::fs::read_to_string(args.config.as_ref().expect("config given"))?;
+            TrainConfig::from_toml(&text)?.run.output_dir
+        }
+    };
+    eprintln!(
+        "training {} samples, step {}/{}, output {}",
+        trainer.num_train_samples(),
+        trainer.step(),
+        trainer.total_steps(),
+        out_dir.display()
+    );
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::with_draw_target(Some(trainer.total_steps() as u64), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_position(trainer.step() as u64);
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut observer = CliObserver {
+        bar,
+        plot: out_dir.join("loss.png"),
+    };
+    trainer.run(&mut observer, &stop).context("training")?;
+    observer.bar.finish_and_clear();
+    if let Err(e) = draw_loss(&out_dir.join("loss.png"), trainer.history()) {
+        eprintln!("warning: cannot draw loss.png: {e:#}");
+    }
+    if stop.load(Ordering::SeqCst) {
+        eprintln!("interrupted at step {}; saved {}", trainer.step(), out_dir.join("last.safetensors").display());
+        return Ok(ExitCode::from(130));
+    }
+    eprintln!("done: {} steps, weights in {}", trainer.step(), out_dir.display());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,784 @@
+//! The training loop: data -> PSM loss -> AdamW/OneCycle, validation, checkpoints and resume.
+//!
+//! Output directory layout (everything a later `--resume` or `read --checkpoint` needs):
+//! `config.toml` (the run's settings), `last.safetensors` / `best.safetensors` (weights with the model's
+//! hyper-parameters in the metadata, loadable alone), `last.json` / `best.json` (charset, dims, step,
+//! validation figures), `state-<step>.safetensors` (AdamW moments, referenced by `last.safetensors`) and
+//! `metrics.jsonl`. Files are written to a temporary name and renamed, and the optimizer state is written
+//! before the weights that point at it, so a kill at any moment leaves a consistent `last`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use super::init::{initial_weights, InitSource};
+use super::{
+    clip_grad_norm, gen_tgt_perms, training_loss, AdamW, LossOptions, OneCycleLr, OptimizerConfig,
+    ParamStore, TrainError,
+};
+use crate::charset::CharsetAdapter;
+use crate::checkpoint::{read_checkpoint, save_safetensors};
+use crate::config::Clip4StrConfig;
+use crate::data::loader::{TrainLoader, TrainLoaderConfig};
+use crate::data::{open_dataset, Dataset};
+use crate::eval::DatasetResult;
+use crate::model::Clip4Str;
+use crate::preprocess::{decode_rgb, Normalization};
+use crate::recognizer::{Recognizer, RecognizerOptions};
+
+/// Model size: a preset plus optional overrides (all dims explicit for a from-scratch model).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// `tiny`, `small`, `b16`, `b32`, `l14`, `h14`; ignored when initialising from a CLIP4STR checkpoint.
+    pub preset: Option<String>,
+    /// Input `[height, width]`.
+    pub image_size: Option<[usize; 2]>,
+    /// Patch `[height, width]`.
+    pub patch_size: Option<[usize; 2]>,
+    /// ViT width.
+    pub vision_width: Option<usize>,
+    /// ViT blocks.
+    pub vision_layers: Option<usize>,
+    /// ViT heads.
+    pub vision_heads: Option<usize>,
+    /// Text transformer width.
+    pub text_width: Option<usize>,
+    /// Text blocks.
+    pub text_layers: Option<usize>,
+    /// Text heads.
+    pub text_heads: Option<usize>,
+    /// CLIP embedding = decoder width.
+    pub embed_dim: Option<usize>,
+    /// Decoder heads.
+    pub decoder_heads: Option<usize>,
+    /// Training charset (default: the 94 printable ASCII characters).
+    pub charset_train: Option<String>,
+    /// Caption / evaluation charset (default: lowercase alphanumerics).
+    pub charset_test: Option<String>,
+    /// Frozen text blocks.
+    pub text_freeze_nlayer: Option<i64>,
+    /// Frozen ViT blocks.
+    pub image_freeze_nlayer: Option<i64>,
+    /// Decoder dropout.
+    pub dropout: Option<f32>,
+}
+
+impl ModelSpec {
+    /// Resolves the preset and overrides into a validated config.
+    pub fn resolve(&self) -> Result<Clip4StrConfig, TrainError> {
+        let name = self.preset.as_deref().unwrap_or("small");
+        let mut cfg = Clip4StrConfig::by_name(name)
+            .ok_or_else(|| TrainError::Config(format!("unknown model preset {name:?}")))?;
+        self.apply(&mut cfg);
+        cfg.validate().map_err(TrainError::Config)?;
+        Ok(cfg)
+    }
+
+    fn apply(&self, cfg: &mut Clip4StrConfig) {
+        fn set<T: Clone>(dst: &mut T, src: &Option<T>) {
+            if let Some(v) = src {
+                *dst = v.clone();
+            }
+        }
+        set(&mut cfg.vision.image_size, &self.image_size);
+        set(&mut cfg.vision.patch_size, &self.patch_size);
+        set(&mut cfg.vision.width, &self.vision_width);
+        set(&mut cfg.vision.layers, &self.vision_layers);
+        set(&mut cfg.vision.heads, &self.vision_heads);
+        set(&mut cfg.text.width, &self.text_width);
+        set(&mut cfg.text.layers, &self.text_layers);
+        set(&mut cfg.text.heads, &self.text_heads);
+        if let Some(e) = self.embed_dim {
+            cfg.embed_dim = e;
+            cfg.decoder.dim = e;
+            cfg.decoder.mlp_hidden = 4 * e;
+        }
+        set(&mut cfg.decoder.heads, &self.decoder_heads);
+        set(&mut cfg.charset_train, &self.charset_train);
+        set(&mut cfg.charset_test, &self.charset_test);
+        set(&mut cfg.text_freeze_nlayer, &self.text_freeze_nlayer);
+        set(&mut cfg.image_freeze_nlayer, &self.image_freeze_nlayer);
+        set(&mut cfg.dropout, &self.dropout);
+    }
+}
+
+/// Where the starting weights come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "source", rename_all = "lowercase", deny_unknown_fields)]
+pub enum InitSpec {
+    /// Reference random initialisation.
+    Scratch,
+    /// Fine-tune a CLIP4STR checkpoint (its dims win over `[model]`).
+    Clip4str {
+        /// Checkpoint file.
+        path: PathBuf,
+    },
+    /// CLIP weights (OpenAI TorchScript `.pt` or OpenCLIP `.bin`) with random decoders.
+    Clip {
+        /// CLIP file.
+        path: PathBuf,
+    },
+}
+
+impl Default for InitSpec {
+    fn default() -> Self {
+        Self::Scratch
+    }
+}
+
+/// Datasets.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// Training roots (every LMDB / labels.tsv dataset below each is used).
+    pub train: Vec<PathBuf>,
+    /// Validation datasets.
+    #[serde(default)]
+    pub val: Vec<PathBuf>,
+    /// RandAugment on training images.
+    #[serde(default = "yes")]
+    pub augment: bool,
+    /// Decoding threads (0: all cores).
+    #[serde(default)]
+    pub workers: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Optimisation settings (SPEC §12.6-12.8).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimSpec {
+    /// Images per step.
+    pub batch_size: usize,
+    /// Base learning rate before the linear scaling rule (`batch * accumulate / 512 * lr`).
+    pub lr: f64,
+    /// Optimizer steps (takes precedence over `epochs`).
+    pub max_steps: Option<usize>,
+    /// Epochs, used when `max_steps` is absent.
+    pub epochs: Option<usize>,
+    /// One-cycle warm-up fraction.
+    pub warmup_pct: f64,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    /// Decoder learning-rate factor.
+    pub coef_lr: f64,
+    /// Decoder weight-decay factor.
+    pub coef_wd: f64,
+    /// Gradient-norm clipping.
+    pub grad_clip: f64,
+    /// Gradient accumulation (micro-batches per step).
+    pub accumulate: usize,
+    /// Permutations per batch.
+    pub perm_num: usize,
+}
+
+impl Default for OptimSpec {
+    fn default() -> Self {
+        Self {
+            batch_size: 64,
+            lr: 8.4e-5,
+            max_steps: None,
+            epochs: Some(20),
+            warmup_pct: 0.075,
+            weight_decay: 0.2,
+            coef_lr: 19.0,
+            coef_wd: 1.0,
+            grad_clip: 20.0,
+            accumulate: 1,
+            perm_num: 6,
+        }
+    }
+}
+
+/// Run bookkeeping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunSpec {
+    /// Output directory.
+    pub output_dir: PathBuf,
+    /// Validate (and save) every this many steps.
+    pub val_interval: usize,
+    /// Validate on at most this many samples per dataset.
+    pub val_limit: Option<usize>,
+    /// Log a metrics line every this many steps.
+    pub log_interval: usize,
+    /// Seed for initialisation, shuffling and permutations.
+    pub seed: u64,
+}
+
+impl Default for RunSpec {
+    fn default() -> Self {
+        Self {
+            output_dir: PathBuf::from("runs/clip4str"),
+            val_interval: 500,
+            val_limit: None,
+            log_interval: 10,
+            seed: 42,
+        }
+    }
+}
+
+/// Everything `clip4str train --config FILE.toml` reads.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Model size.
+    #[serde(default)]
+    pub model: ModelSpec,
+    /// Starting weights.
+    #[serde(default)]
+    pub init: InitSpec,
+    /// Datasets.
+    pub data: DataSpec,
+    /// Optimisation.
+    #[serde(default)]
+    pub optim: OptimSpec,
+    /// Bookkeeping.
+    #[serde(default)]
+    pub run: RunSpec,
+}
+
+impl TrainConfig {
+    /// Parses TOML.
+    pub fn from_toml(text: &str) -> Result<Self, TrainError> {
+        toml::from_str(text).map_err(|e| TrainError::Config(e.to_string()))
+    }
+
+    /// Serialises to TOML (what `config.toml` in the output directory holds).
+    pub fn to_toml(&self) -> Result<String, TrainError> {
+        toml::to_string_pretty(self).map_err(|e| TrainError::Config(e.to_string()))
+    }
+}
+
+/// One logged training step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// Planned steps.
+    pub total_steps: usize,
+    /// Epoch of the last batch.
+    pub epoch: usize,
+    /// Mean loss over the logged window.
+    pub loss: f64,
+    /// Encoder learning rate used by this step.
+    pub lr: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Training images per second over the window.
+    pub images_per_second: f64,
+    /// Validation accuracy (percent), on validation steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_accuracy: Option<f64>,
+    /// Validation 1-NED (percent), on validation steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_one_minus_ned: Option<f64>,
+}
+
+/// Receives progress; the CLI draws bars and plots from it.
+pub trait TrainObserver {
+    /// A metrics line was logged.
+    fn on_step(&mut self, _m: &StepMetrics) {}
+    /// A validation finished and checkpoints were written.
+    fn on_validation(&mut self, _m: &StepMetrics, _history: &[StepMetrics]) {}
+}
+
+/// Resume bookkeeping stored in the metadata of `last.safetensors`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct RunState {
+    step: usize,
+    epoch: usize,
+    position: usize,
+    best_accuracy: Option<f64>,
+}
+
+/// A training run in progress.
+pub struct Trainer {
+    cfg: TrainConfig,
+    model_cfg: Clip4StrConfig,
+    store: ParamStore,
+    model: Clip4Str,
+    optimizer: AdamW,
+    schedule: OneCycleLr,
+    loader: TrainLoader,
+    state: RunState,
+    total_steps: usize,
+    history: Vec<StepMetrics>,
+    device: Device,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |e| TrainError::Config(format!("{}: {e}", path.display()))
+}
+
+/// Lightning-style `hyper_parameters` so [`Clip4StrConfig::from_tensors`] restores every dimension.
+pub fn hyper_parameters(cfg: &Clip4StrConfig) -> serde_json::Value {
+    serde_json::json!({
+        "charset_train": cfg.charset_train,
+        "charset_test": cfg.charset_test,
+        "max_label_length": cfg.max_label_length,
+        "context_length": cfg.context_length,
+        "img_size": cfg.vision.image_size,
+        "patch_size": cfg.vision.patch_size,
+        "dec_num_heads": cfg.decoder.heads,
+        "dec_depth": cfg.decoder.depth,
+        "text_freeze_nlayer": cfg.text_freeze_nlayer,
+        "image_freeze_nlayer": cfg.image_freeze_nlayer,
+        "dropout": cfg.dropout,
+        "clip_arch": {
+            "embed_dim": cfg.embed_dim,
+            "vision_width": cfg.vision.width,
+            "vision_layers": cfg.vision.layers,
+            "vision_heads": cfg.vision.heads,
+            "vision_patch_size": cfg.vision.patch_size,
+            "transformer_width": cfg.text.width,
+            "transformer_layers": cfg.text.layers,
+            "transformer_heads": cfg.text.heads,
+            "vocab_size": cfg.text.vocab_size,
+            "context_length": cfg.text.positional_rows,
+        },
+    })
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        f.write_all(bytes).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+    }
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+impl Trainer {
+    /// Starts a new run in `cfg.run.output_dir` (which must not hold a run already).
+    pub fn new(cfg: TrainConfig) -> Result<Self, TrainError> {
+        let out = cfg.run.output_dir.clone();
+        if out.join("last.safetensors").exists() {
+            return Err(TrainError::Config(format!(
+                "{} already holds a run; use --resume to continue it or choose another output_dir",
+                out.display()
+            )));
+        }
+        std::fs::create_dir_all(&out).map_err(io_err(&out))?;
+        let (model_cfg, weights) = match &cfg.init {
+            InitSpec::Clip4str { path } => {
+                let raw = read_checkpoint(path)?;
+                let mc = Clip4StrConfig::from_tensors(&raw.shapes(), raw.hyper_parameters.as_ref())
+                    .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+                let w = initial_weights(&InitSource::Clip4Str(path.clone()), &mc)?;
+                (mc, w)
+            }
+            InitSpec::Clip { path } => {
+                let mc = cfg.model.resolve()?;
+                let src = InitSource::Clip {
+                    path: path.clone(),
+                    seed: cfg.run.seed,
+                };
+                (mc.clone(), initial_weights(&src, &mc)?)
+            }
+            InitSpec::Scratch => {
+                let mc = cfg.model.resolve()?;
+                let w = initial_weights(&InitSource::Scratch { seed: cfg.run.seed }, &mc)?;
+                (mc, w)
+            }
+        };
+        write_atomic(&out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+        std::fs::write(out.join("metrics.jsonl"), b"").map_err(io_err(&out))?;
+        let weights: HashMap<String, Tensor> = weights.into_iter().collect();
+        Self::build(cfg, model_cfg, &weights, RunState::default(), None)
+    }
+
+    /// Continues the run in `dir` from its `last` checkpoint: same config, optimizer moments, schedule
+    /// position and data position; metrics logged after that checkpoint are dropped so curves continue.
+    pub fn resume(dir: &Path) -> Result<Self, TrainError> {
+        let cfg_path = dir.join("config.toml");
+        let text = std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?;
+        let mut cfg = TrainConfig::from_toml(&text)?;
+        cfg.run.output_dir = dir.to_path_buf();
+        let last = dir.join("last.safetensors");
+        let raw = read_checkpoint(&last)?;
+        let state: RunState = raw
+            .metadata
+            .get("run_state")
+            .and_then(|s| serde_json::from_str(s).ok())
+            .ok_or_else(|| TrainError::State(format!("{} has no run state", last.display())))?;
+        let model_cfg = Clip4StrConfig::from_tensors(&raw.shapes(), raw.hyper_parameters.as_ref())
+            .map_err(|e| TrainError::Config(format!("{}: {e}", last.display())))?;
+        let weights: HashMap<String, Tensor> = raw.tensors.into_iter().collect();
+        let opt_path = dir.join(format!("state-{:08}.safetensors", state.step));
+        let opt_state = candle_core::safetensors::load(&opt_path, &Device::Cpu).map_err(|e| {
+            TrainError::State(format!("{}: {e}", opt_path.display()))
+        })?;
+        let mut trainer = Self::build(cfg, model_cfg, &weights, state, Some(opt_state))?;
+        trainer.reload_history()?;
+        Ok(trainer)
+    }
+
+    fn build(
+        cfg: TrainConfig,
+        model_cfg: Clip4StrConfig,
+        weights: &HashMap<String, Tensor>,
+        state: RunState,
+        opt_state: Option<HashMap<String, Tensor>>,
+    ) -> Result<Self, TrainError> {
+        let device = Device::Cpu;
+        let store = ParamStore::new(&model_cfg, weights, DType::F32, &device)?;
+        let model = store.build_model(&model_cfg)?;
+        let o = &cfg.optim;
+        if o.batch_size == 0 || o.accumulate == 0 {
+            return Err(TrainError::Config("batch_size and accumulate must be at least 1".into()));
+        }
+        let opt_cfg = OptimizerConfig {
+            base_lr: o.lr,
+            batch_size: o.batch_size,
+            num_devices: 1,
+            accumulate_grad_batches: o.accumulate,
+            weight_decay: o.weight_decay,
+            coef_lr: o.coef_lr,
+            coef_wd: o.coef_wd,
+            ..OptimizerConfig::default()
+        };
+        let mut optimizer = AdamW::new(store.trainable(), &opt_cfg);
+        if let Some(s) = &opt_state {
+            optimizer.load_state_dict(s)?;
+        }
+        let loader = TrainLoader::new(TrainLoaderConfig {
+            roots: cfg.data.train.clone(),
+            charset_train: model_cfg.charset_train.clone(),
+            max_label_length: model_cfg.max_label_length,
+            image_size: model_cfg.vision.image_size,
+            batch_size: o.batch_size,
+            augment: cfg.data.augment,
+            seed: cfg.run.seed,
+            workers: cfg.data.workers,
+            prefetch_batches: 4,
+        })?;
+        if loader.is_empty() {
+            return Err(TrainError::Config(
+                "no training samples left after label filtering".into(),
+            ));
+        }
+        let total_steps = match (o.max_steps, o.epochs) {
+            (Some(s), _) => s,
+            (None, Some(e)) => (e * loader.batches_per_epoch()).div_ceil(o.accumulate),
+            (None, None) => {
+                return Err(TrainError::Config("set optim.max_steps or optim.epochs".into()))
+            }
+        }
+        .max(1);
+        let mut schedule = OneCycleLr::new(opt_cfg.max_lrs(), total_steps, o.warmup_pct)?;
+        schedule.set_step_count(state.step);
+        Ok(Self {
+            cfg,
+            model_cfg,
+            store,
+            model,
+            optimizer,
+            schedule,
+            loader,
+            state,
+            total_steps,
+            history: Vec::new(),
+            device,
+        })
+    }
+
+    fn reload_history(&mut self) -> Result<(), TrainError> {
+        let path = self.cfg.run.output_dir.join("metrics.jsonl");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let kept: Vec<StepMetrics> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<StepMetrics>(l).ok())
+            .filter(|m| m.step <= self.state.step)
+            .collect();
+        let mut out = String::new();
+        for m in &kept {
+            out.push_str(&serde_json::to_string(m).unwrap_or_default());
+            out.push('\n');
+        }
+        write_atomic(&path, out.as_bytes())?;
+        self.history = kept;
+        Ok(())
+    }
+
+    /// The model being trained (weights update in place).
+    pub fn model(&self) -> &Clip4Str {
+        &self.model
+    }
+
+    /// The model configuration.
+    pub fn model_config(&self) -> &Clip4StrConfig {
+        &self.model_cfg
+    }
+
+    /// Optimizer steps done so far.
+    pub fn step(&self) -> usize {
+        self.state.step
+    }
+
+    /// Planned optimizer steps.
+    pub fn total_steps(&self) -> usize {
+        self.total_steps
+    }
+
+    /// Training samples after label filtering.
+    pub fn num_train_samples(&self) -> usize {
+        self.loader.len()
+    }
+
+    /// Metrics logged so far.
+    pub fn history(&self) -> &[StepMetrics] {
+        &self.history
+    }
+
+    /// Trains until `total_steps` or until `stop` is set; saves `last` on the way out either way.
+    pub fn run(
+        &mut self,
+        observer: &mut dyn TrainObserver,
+        stop: &AtomicBool,
+    ) -> Result<(), TrainError> {
+        let o = self.cfg.optim.clone();
+        let loss_opts = LossOptions {
+            dropout: true,
+            ..LossOptions::default()
+        };
+        let [h, w] = self.model_cfg.vision.image_size;
+        let mut batches = self.loader.iter_from(self.state.epoch, self.state.position);
+        let mut window_loss = 0.0;
+        let mut window_steps = 0usize;
+        let mut window_images = 0usize;
+        let mut window_start = Instant::now();
+        let mut last_grad_norm = 0.0;
+        while self.state.step < self.total_steps && !stop.load(Ordering::Relaxed) {
+            let lr = self.schedule.lrs()?;
+            self.schedule.apply(&mut self.optimizer)?;
+            let mut accumulated: Option<candle_core::backprop::GradStore> = None;
+            let mut step_loss = 0.0;
+            for _ in 0..o.accumulate {
+                let batch = batches
+                    .next()
+                    .ok_or_else(|| TrainError::Config("the training data ran out".into()))??;
+                let b = batch.labels.len();
+                let images = Tensor::from_vec(batch.images, (b, 3, h, w), &self.device)?;
+                let labels: Vec<&str> = batch.labels.iter().map(String::as_str).collect();
+                let longest = labels.iter().map(|l| l.chars().count()).max().unwrap_or(1);
+                let mut rng = rand::rngs::StdRng::seed_from_u64(
+                    self.cfg.run.seed ^ (self.state.step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                );
+                let perms = gen_tgt_perms(longest, o.perm_num, true, true, &mut rng);
+                let out = training_loss(&self.model, &images, &labels, &perms, &loss_opts)?;
+                let loss = (out.loss / o.accumulate as f64)?;
+                step_loss += loss.to_scalar::<f32>()? as f64;
+                let grads = loss.backward()?;
+                accumulated = Some(match accumulated {
+                    None => grads,
+                    Some(mut acc) => {
+                        for (_, var) in self.store.trainable() {
+                            if let Some(g) = grads.get(var.as_tensor()) {
+                                let sum = match acc.get(var.as_tensor()) {
+                                    Some(a) => (a + g)?,
+                                    None => g.clone(),
+                                };
+                                acc.insert(var.as_tensor(), sum);
+                            }
+                        }
+                        acc
+                    }
+                });
+                self.state.epoch = batch.epoch;
+                self.state.position = batch.position;
+                window_images += b;
+            }
+            let mut grads = accumulated.ok_or(TrainError::EmptyBatch)?;
+            let vars: Vec<&Var> = self.store.trainable().iter().map(|(_, v)| v).collect();
+            let norm = clip_grad_norm(&mut grads, vars, o.grad_clip)?;
+            last_grad_norm = norm.total_norm;
+            self.optimizer.step(&grads)?;
+            self.schedule.step();
+            self.state.step += 1;
+            window_loss += step_loss;
+            window_steps += 1;
+
+            let step = self.state.step;
+            let log_now = step % self.cfg.run.log_interval.max(1) == 0 || step == self.total_steps;
+            let val_now = step % self.cfg.run.val_interval.max(1) == 0 || step == self.total_steps;
+            if log_now || val_now {
+                let secs = window_start.elapsed().as_secs_f64().max(1e-9);
+                let mut m = StepMetrics {
+                    step,
+                    total_steps: self.total_steps,
+                    epoch: self.state.epoch,
+                    loss: window_loss / window_steps.max(1) as f64,
+                    lr: lr.first().copied().unwrap_or(0.0),
+                    grad_norm: last_grad_norm,
+                    images_per_second: window_images as f64 / secs,
+                    val_accuracy: None,
+                    val_one_minus_ned: None,
+                };
+                if val_now {
+                    if let Some(v) = self.validate()? {
+                        m.val_accuracy = Some(v.accuracy());
+                        m.val_one_minus_ned = Some(v.one_minus_ned());
+                    }
+                }
+                self.log(&m)?;
+                observer.on_step(&m);
+                if val_now {
+                    let better = match (m.val_accuracy, self.state.best_accuracy) {
+                        (Some(a), Some(b)) => a > b,
+                        (Some(_), None) => true,
+                        _ => false,
+                    };
+                    if better {
+                        self.state.best_accuracy = m.val_accuracy;
+                        self.save("best", &m)?;
+                    }
+                    self.save_last(&m)?;
+                    observer.on_validation(&m, &self.history);
+                }
+                window_loss = 0.0;
+                window_steps = 0;
+                window_images = 0;
+                window_start = Instant::now();
+            }
+        }
+        // Interrupted between validations: keep what was learned.
+        if stop.load(Ordering::Relaxed) {
+            if let Some(m) = self.history.last().cloned() {
+                let mut m = m;
+                m.step = self.state.step;
+                self.save_last(&m)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn log(&mut self, m: &StepMetrics) -> Result<(), TrainError> {
+        let path = self.cfg.run.output_dir.join("metrics.jsonl");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        let line = serde_json::to_string(m).map_err(|e| TrainError::Config(e.to_string()))?;
+        writeln!(f, "{line}").map_err(io_err(&path))?;
+        self.history.push(m.clone());
+        Ok(())
+    }
+
+    /// Validation with the test protocol (charset_test, filtered labels), accuracy over all val sets.
+    fn validate(&self) -> Result<Option<DatasetResult>, TrainError> {
+        if self.cfg.data.val.is_empty() {
+            return Ok(None);
+        }
+        let charset = self.model_cfg.charset_test.clone();
+        let opts = RecognizerOptions {
+            charset_test: Some(charset.clone()),
+            filter_output: true,
+            batch_size: 64,
+            normalization: Normalization::OPENAI,
+            ..RecognizerOptions::default()
+        };
+        let rec = Recognizer::from_model(self.model.clone(), opts)
+            .map_err(|e| TrainError::Config(e.to_string()))?;
+        let adapter = CharsetAdapter::new(&charset);
+        let mut total = DatasetResult::new("val");
+        for path in &self.cfg.data.val {
+            let ds: Box<dyn Dataset> = open_dataset(path)?;
+            let mut kept = ds.filtered(&adapter, self.model_cfg.max_label_length, true, true)?;
+            if let Some(limit) = self.cfg.run.val_limit {
+                kept.indices.truncate(limit);
+                kept.labels.truncate(limit);
+            }
+            let mut images = Vec::new();
+            let mut labels = Vec::new();
+            for (&i, label) in kept.indices.iter().zip(&kept.labels) {
+                let Ok(bytes) = ds.image(i) else { continue };
+                let Ok(img) = decode_rgb(&bytes) else { continue };
+                images.push(img);
+                labels.push(label.clone());
+            }
+            let preds = rec
+                .recognize(&images)
+                .map_err(|e| TrainError::Config(e.to_string()))?;
+            for (p, gt) in preds.iter().zip(&labels) {
+                total.add(&p.text, gt, f64::from(p.confidence));
+            }
+        }
+        Ok(Some(total))
+    }
+
+    fn metadata(&self, m: &StepMetrics) -> Result<HashMap<String, String>, TrainError> {
+        let mut meta = HashMap::new();
+        meta.insert(
+            crate::checkpoint::HYPER_PARAMETERS_METADATA_KEY.to_string(),
+            hyper_parameters(&self.model_cfg).to_string(),
+        );
+        meta.insert(
+            "run_state".into(),
+            serde_json::to_string(&self.state).map_err(|e| TrainError::Config(e.to_string()))?,
+        );
+        meta.insert(
+            "metrics".into(),
+            serde_json::to_string(m).map_err(|e| TrainError::Config(e.to_string()))?,
+        );
+        meta.insert("format".into(), "clip4str".into());
+        Ok(meta)
+    }
+
+    fn weights(&self) -> Vec<(String, Tensor)> {
+        let mut sd: Vec<(String, Tensor)> = self.store.state_dict().into_iter().collect();
+        sd.sort_by(|a, b| a.0.cmp(&b.0));
+        sd
+    }
+
+    /// Writes `<name>.safetensors` and `<name>.json`.
+    fn save(&self, name: &str, m: &StepMetrics) -> Result<(), TrainError> {
+        let dir = &self.cfg.run.output_dir;
+        save_safetensors(
+            &dir.join(format!("{name}.safetensors")),
+            &self.weights(),
+            &self.metadata(m)?,
+        )?;
+        let info = serde_json::json!({
+            "step": self.state.step,
+            "metrics": m,
+            "hyper_parameters": hyper_parameters(&self.model_cfg),
+        });
+        write_atomic(
+            &dir.join(format!("{name}.json")),
+            serde_json::to_string_pretty(&info)
+                .map_err(|e| TrainError::Config(e.to_string()))?
+                .as_bytes(),
+        )
+    }
+
+    /// Optimizer state first, then the weights that name it, then old states are removed.
+    fn save_last(&self, m: &StepMetrics) -> Result<(), TrainError> {
+        let dir = &self.cfg.run.output_dir;
+        let state_name = format!("state-{:08}.safetensors", self.state.step);
+        let opt: Vec<(String, Tensor)> = self.optimizer.state_dict()?.into_iter().collect();
+        save_safetensors(&dir.join(&state_name), &opt, &HashMap::new())?;
+        self.save("last", m)?;
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with("state-") && n.ends_with(".safetensors") && n != state_name {
+                    std::fs::remove_file(e.path()).ok();
+                }
+            }
+        }
+        Ok(())
+    }
+}
