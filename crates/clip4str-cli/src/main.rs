@@ -2,7 +2,7 @@
 
 mod eval;
 mod read;
-// mod train; // pending
+mod train;
 
 use std::process::ExitCode;
 
@@ -25,6 +25,8 @@ enum Command {
     Read(read::ReadArgs),
     /// Score a checkpoint on LMDB benchmarks or labelled image folders (the reference test.py table).
     Eval(eval::EvalArgs),
+    /// Train or fine-tune CLIP4STR (permuted sequence modelling with the cross-modal loss).
+    Train(train::TrainArgs),
 }
 
 fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
@@ -47,6 +49,7 @@ fn main() -> ExitCode {
     let result = set_threads(cli.threads).and_then(|()| match cli.command {
         Command::Read(args) => read::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Train(args) => train::run(args),
     });
     match result {
         Ok(code) => code,

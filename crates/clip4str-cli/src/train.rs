@@ -87,8 +87,12 @@ fn register_plot_font() -> bool {
         for c in candidates {
             if let Ok(bytes) = std::fs::read(c) {
                 let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                if plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes)
-                    .is_ok()
+                if plotters::style::register_font(
+                    "sans-serif",
+                    plotters::style::FontStyle::Normal,
+                    bytes,
+                )
+                .is_ok()
                 {
                     return true;
                 }
@@ -105,7 +109,12 @@ fn draw_loss(path: &Path, history: &[StepMetrics]) -> anyhow::Result<()> {
     }
     let labelled = register_plot_font();
     let max_step = history.iter().map(|m| m.step).max().unwrap_or(1).max(1) as f64;
-    let max_loss = history.iter().map(|m| m.loss).fold(0.0f64, f64::max).max(1e-3) * 1.05;
+    let max_loss = history
+        .iter()
+        .map(|m| m.loss)
+        .fold(0.0f64, f64::max)
+        .max(1e-3)
+        * 1.05;
     let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut builder = ChartBuilder::on(&root);
@@ -118,7 +127,11 @@ fn draw_loss(path: &Path, history: &[StepMetrics]) -> anyhow::Result<()> {
     }
     let mut chart = builder.build_cartesian_2d(0f64..max_step, 0f64..max_loss)?;
     if labelled {
-        chart.configure_mesh().x_desc("step").y_desc("loss").draw()?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("loss")
+            .draw()?;
     }
     chart.draw_series(LineSeries::new(
         history.iter().map(|m| (m.step as f64, m.loss)),
@@ -131,11 +144,14 @@ fn draw_loss(path: &Path, history: &[StepMetrics]) -> anyhow::Result<()> {
 /// Runs `train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let mut trainer = match (&args.resume, &args.config) {
-        (Some(dir), _) => Trainer::resume(dir).with_context(|| format!("resuming {}", dir.display()))?,
+        (Some(dir), _) => {
+            Trainer::resume(dir).with_context(|| format!("resuming {}", dir.display()))?
+        }
         (None, Some(path)) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            let mut cfg = TrainConfig::from_toml(&text).with_context(|| format!("parsing {}", path.display()))?;
+            let mut cfg = TrainConfig::from_toml(&text)
+                .with_context(|| format!("parsing {}", path.display()))?;
             if let Some(d) = &args.output_dir {
                 cfg.run.output_dir = d.clone();
             }
@@ -187,7 +203,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         out_dir.display()
     );
     let bar = if std::io::stderr().is_terminal() {
-        let bar = ProgressBar::with_draw_target(Some(trainer.total_steps() as u64), ProgressDrawTarget::stderr());
+        let bar = ProgressBar::with_draw_target(
+            Some(trainer.total_steps() as u64),
+            ProgressDrawTarget::stderr(),
+        );
         bar.set_style(
             ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} eta {eta}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -207,9 +226,17 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         eprintln!("warning: cannot draw loss.png: {e:#}");
     }
     if stop.load(Ordering::SeqCst) {
-        eprintln!("interrupted at step {}; saved {}", trainer.step(), out_dir.join("last.safetensors").display());
+        eprintln!(
+            "interrupted at step {}; saved {}",
+            trainer.step(),
+            out_dir.join("last.safetensors").display()
+        );
         return Ok(ExitCode::from(130));
     }
-    eprintln!("done: {} steps, weights in {}", trainer.step(), out_dir.display());
+    eprintln!(
+        "done: {} steps, weights in {}",
+        trainer.step(),
+        out_dir.display()
+    );
     Ok(ExitCode::SUCCESS)
 }

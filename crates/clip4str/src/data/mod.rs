@@ -2,8 +2,10 @@
 //! folder with `labels.tsv` ([`folder`]) behind one [`Dataset`] trait, with the reference's label filtering.
 //! A damaged record is an error value for that record (never a panic), so callers can count and report it.
 
+pub mod augment;
 pub mod folder;
 pub mod lmdb;
+pub mod loader;
 
 use std::path::{Path, PathBuf};
 

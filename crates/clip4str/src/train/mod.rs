@@ -14,7 +14,7 @@ mod perms;
 mod schedule;
 
 pub mod init;
-// mod trainer; // enabled once data::loader and train::init land
+mod trainer;
 
 pub use loss::{cross_entropy, training_loss, LossOptions, PermLoss, TrainingLoss};
 pub use optim::{
@@ -24,7 +24,10 @@ pub use optim::{
 pub use params::{is_trainable, trainable_names, ParamStore};
 pub use perms::{gen_tgt_perms, generate_attn_masks};
 pub use schedule::OneCycleLr;
-// pub use trainer::{hyper_parameters, DataSpec, InitSpec, ModelSpec, OptimSpec, RunSpec, StepMetrics, TrainConfig, TrainObserver, Trainer};
+pub use trainer::{
+    hyper_parameters, DataSpec, InitSpec, ModelSpec, OptimSpec, RunSpec, StepMetrics, TrainConfig,
+    TrainObserver, Trainer,
+};
 
 use crate::charset::CharsetError;
 
@@ -65,6 +68,9 @@ pub enum TrainError {
     /// A checkpoint could not be read or written.
     #[error(transparent)]
     Load(#[from] crate::checkpoint::LoadError),
+    /// Starting weights could not be built.
+    #[error(transparent)]
+    Init(#[from] init::InitError),
     /// Training or validation data could not be read.
     #[error(transparent)]
     Data(#[from] crate::data::DataError),

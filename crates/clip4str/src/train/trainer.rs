@@ -110,10 +110,11 @@ impl ModelSpec {
 }
 
 /// Where the starting weights come from.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "source", rename_all = "lowercase", deny_unknown_fields)]
 pub enum InitSpec {
     /// Reference random initialisation.
+    #[default]
     Scratch,
     /// Fine-tune a CLIP4STR checkpoint (its dims win over `[model]`).
     Clip4str {
@@ -125,12 +126,6 @@ pub enum InitSpec {
         /// CLIP file.
         path: PathBuf,
     },
-}
-
-impl Default for InitSpec {
-    fn default() -> Self {
-        Self::Scratch
-    }
 }
 
 /// Datasets.
@@ -417,9 +412,8 @@ impl Trainer {
             .map_err(|e| TrainError::Config(format!("{}: {e}", last.display())))?;
         let weights: HashMap<String, Tensor> = raw.tensors.into_iter().collect();
         let opt_path = dir.join(format!("state-{:08}.safetensors", state.step));
-        let opt_state = candle_core::safetensors::load(&opt_path, &Device::Cpu).map_err(|e| {
-            TrainError::State(format!("{}: {e}", opt_path.display()))
-        })?;
+        let opt_state = candle_core::safetensors::load(&opt_path, &Device::Cpu)
+            .map_err(|e| TrainError::State(format!("{}: {e}", opt_path.display())))?;
         let mut trainer = Self::build(cfg, model_cfg, &weights, state, Some(opt_state))?;
         trainer.reload_history()?;
         Ok(trainer)
@@ -437,7 +431,9 @@ impl Trainer {
         let model = store.build_model(&model_cfg)?;
         let o = &cfg.optim;
         if o.batch_size == 0 || o.accumulate == 0 {
-            return Err(TrainError::Config("batch_size and accumulate must be at least 1".into()));
+            return Err(TrainError::Config(
+                "batch_size and accumulate must be at least 1".into(),
+            ));
         }
         let opt_cfg = OptimizerConfig {
             base_lr: o.lr,
@@ -473,7 +469,9 @@ impl Trainer {
             (Some(s), _) => s,
             (None, Some(e)) => (e * loader.batches_per_epoch()).div_ceil(o.accumulate),
             (None, None) => {
-                return Err(TrainError::Config("set optim.max_steps or optim.epochs".into()))
+                return Err(TrainError::Config(
+                    "set optim.max_steps or optim.epochs".into(),
+                ))
             }
         }
         .max(1);
@@ -559,7 +557,6 @@ impl Trainer {
         let mut window_steps = 0usize;
         let mut window_images = 0usize;
         let mut window_start = Instant::now();
-        let mut last_grad_norm = 0.0;
         while self.state.step < self.total_steps && !stop.load(Ordering::Relaxed) {
             let lr = self.schedule.lrs()?;
             self.schedule.apply(&mut self.optimizer)?;
@@ -574,7 +571,8 @@ impl Trainer {
                 let labels: Vec<&str> = batch.labels.iter().map(String::as_str).collect();
                 let longest = labels.iter().map(|l| l.chars().count()).max().unwrap_or(1);
                 let mut rng = rand::rngs::StdRng::seed_from_u64(
-                    self.cfg.run.seed ^ (self.state.step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    self.cfg.run.seed
+                        ^ (self.state.step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
                 );
                 let perms = gen_tgt_perms(longest, o.perm_num, true, true, &mut rng);
                 let out = training_loss(&self.model, &images, &labels, &perms, &loss_opts)?;
@@ -603,7 +601,7 @@ impl Trainer {
             let mut grads = accumulated.ok_or(TrainError::EmptyBatch)?;
             let vars: Vec<&Var> = self.store.trainable().iter().map(|(_, v)| v).collect();
             let norm = clip_grad_norm(&mut grads, vars, o.grad_clip)?;
-            last_grad_norm = norm.total_norm;
+            let last_grad_norm = norm.total_norm;
             self.optimizer.step(&grads)?;
             self.schedule.step();
             self.state.step += 1;
@@ -611,8 +609,10 @@ impl Trainer {
             window_steps += 1;
 
             let step = self.state.step;
-            let log_now = step % self.cfg.run.log_interval.max(1) == 0 || step == self.total_steps;
-            let val_now = step % self.cfg.run.val_interval.max(1) == 0 || step == self.total_steps;
+            let log_now =
+                step.is_multiple_of(self.cfg.run.log_interval.max(1)) || step == self.total_steps;
+            let val_now =
+                step.is_multiple_of(self.cfg.run.val_interval.max(1)) || step == self.total_steps;
             if log_now || val_now {
                 let secs = window_start.elapsed().as_secs_f64().max(1e-9);
                 let mut m = StepMetrics {
@@ -705,7 +705,9 @@ impl Trainer {
             let mut labels = Vec::new();
             for (&i, label) in kept.indices.iter().zip(&kept.labels) {
                 let Ok(bytes) = ds.image(i) else { continue };
-                let Ok(img) = decode_rgb(&bytes) else { continue };
+                let Ok(img) = decode_rgb(&bytes) else {
+                    continue;
+                };
                 images.push(img);
                 labels.push(label.clone());
             }

@@ -1,0 +1,132 @@
+//! A short from-scratch run end to end: output files, a checkpoint `read` can load alone, resume.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+use clip4str::data::LmdbWriter;
+use clip4str::recognizer::{Recognizer, RecognizerOptions};
+use clip4str::train::{StepMetrics, TrainConfig, TrainObserver, Trainer};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+struct Quiet;
+impl TrainObserver for Quiet {}
+
+/// A very small model so a few steps take well under a second each on 2 cores.
+const CONFIG: &str = r#"
+[model]
+preset = "small"
+image_size = [16, 32]
+patch_size = [8, 8]
+vision_width = 64
+vision_layers = 1
+vision_heads = 1
+text_width = 64
+text_layers = 1
+text_heads = 1
+embed_dim = 32
+decoder_heads = 2
+
+[data]
+train = ["TRAIN"]
+val = ["VAL"]
+augment = true
+workers = 1
+
+[optim]
+batch_size = 4
+lr = 1e-3
+max_steps = 4
+
+[run]
+output_dir = "OUT"
+val_interval = 2
+log_interval = 1
+seed = 7
+"#;
+
+fn make_lmdb(dir: &PathBuf) {
+    let mut images: Vec<PathBuf> = std::fs::read_dir(fixtures().join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    images.sort();
+    let mut w = LmdbWriter::create(dir).unwrap();
+    let labels = ["Hello42", "gray", "noise", "RED", "text!"];
+    for (img, label) in images.iter().zip(labels) {
+        w.push(&std::fs::read(img).unwrap(), label).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+#[test]
+fn short_run_saves_loads_and_resumes() {
+    let root = std::env::temp_dir().join(format!("clip4str-trainer-{}", std::process::id()));
+    std::fs::remove_dir_all(&root).ok();
+    let (train, val, out) = (root.join("train"), root.join("val"), root.join("out"));
+    std::fs::create_dir_all(&train).unwrap();
+    std::fs::create_dir_all(&val).unwrap();
+    make_lmdb(&train);
+    make_lmdb(&val);
+    let text = CONFIG
+        .replace("TRAIN", train.to_str().unwrap())
+        .replace("VAL", val.to_str().unwrap())
+        .replace("OUT", out.to_str().unwrap());
+    let mut cfg = TrainConfig::from_toml(&text).unwrap();
+    cfg.optim.max_steps = Some(2);
+    let stop = AtomicBool::new(false);
+    let mut t = Trainer::new(cfg.clone()).unwrap();
+    t.run(&mut Quiet, &stop).unwrap();
+    assert_eq!(t.step(), 2);
+    for f in [
+        "config.toml",
+        "last.safetensors",
+        "last.json",
+        "best.safetensors",
+        "metrics.jsonl",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let metrics: Vec<StepMetrics> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(metrics.len(), 2);
+    assert!(metrics.iter().all(|m| m.loss.is_finite() && m.loss > 0.0));
+    assert!(metrics[1].val_accuracy.is_some());
+
+    // A new run may not overwrite it.
+    assert!(Trainer::new(cfg).is_err());
+
+    // The checkpoint loads alone (dims and heads from its metadata).
+    let rec = Recognizer::from_checkpoint(
+        &out.join("last.safetensors"),
+        None,
+        RecognizerOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(rec.config().vision.image_size, [16, 32]);
+    assert_eq!(rec.config().decoder.heads, 2);
+
+    // Resume continues at step 2 with the same schedule length; the file's max_steps still says 2, so
+    // raise it in config.toml like a user extending a run.
+    let cfg_path = out.join("config.toml");
+    let edited = std::fs::read_to_string(&cfg_path)
+        .unwrap()
+        .replace("max_steps = 2", "max_steps = 4");
+    std::fs::write(&cfg_path, edited).unwrap();
+    let mut t = Trainer::resume(&out).unwrap();
+    assert_eq!(t.step(), 2);
+    t.run(&mut Quiet, &stop).unwrap();
+    assert_eq!(t.step(), 4);
+    let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let steps: Vec<usize> = lines
+        .lines()
+        .map(|l| serde_json::from_str::<StepMetrics>(l).unwrap().step)
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4]);
+    std::fs::remove_dir_all(&root).ok();
+}
