@@ -255,7 +255,9 @@ impl AdamW {
                 let Some(grad) = grads.get(p.var.as_tensor()) else {
                     continue;
                 };
-                let grad = grad.to_dtype(p.var.dtype())?;
+                // Detached: a gradient carries the backward graph, and moments built from it would keep
+                // every step's activations alive (memory grows without bound).
+                let grad = grad.detach().to_dtype(p.var.dtype())?;
                 p.step += 1;
                 let t = p.step as f64;
                 let param = p.var.as_detached_tensor();
@@ -279,9 +281,9 @@ impl AdamW {
                 let step_size = lr / bias_correction1;
                 let denom = ((v.sqrt()? / bias_correction2_sqrt)? + eps)?;
                 let update = ((&m / &denom)? * step_size)?;
-                p.var.set(&(param - update)?)?;
-                p.exp_avg = Some(m);
-                p.exp_avg_sq = Some(v);
+                p.var.set(&(param - update)?.detach())?;
+                p.exp_avg = Some(m.detach());
+                p.exp_avg_sq = Some(v.detach());
             }
         }
         Ok(())

@@ -585,8 +585,8 @@ impl Trainer {
                         for (_, var) in self.store.trainable() {
                             if let Some(g) = grads.get(var.as_tensor()) {
                                 let sum = match acc.get(var.as_tensor()) {
-                                    Some(a) => (a + g)?,
-                                    None => g.clone(),
+                                    Some(a) => (a + g)?.detach(),
+                                    None => g.detach(),
                                 };
                                 acc.insert(var.as_tensor(), sum);
                             }
