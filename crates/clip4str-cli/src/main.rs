@@ -2,6 +2,7 @@
 
 mod eval;
 mod read;
+mod synth;
 mod train;
 
 use std::process::ExitCode;
@@ -27,6 +28,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Train or fine-tune CLIP4STR (permuted sequence modelling with the cross-modal loss).
     Train(train::TrainArgs),
+    /// Generate synthetic word images (MJSynth-style) into an LMDB for training.
+    Synth(synth::SynthArgs),
 }
 
 fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Command::Read(args) => read::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Train(args) => train::run(args),
+        Command::Synth(args) => synth::run(args),
     });
     match result {
         Ok(code) => code,

@@ -6,6 +6,7 @@ pub mod augment;
 pub mod folder;
 pub mod lmdb;
 pub mod loader;
+pub mod synth;
 
 use std::path::{Path, PathBuf};
 

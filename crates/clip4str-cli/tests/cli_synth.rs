@@ -1,0 +1,183 @@
+//! End-to-end tests of `clip4str synth` on the committed fixture font: LMDB output read back with
+//! `open_dataset`, thread-count independence, fixed size and JPEG, preview folders, errors.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use clip4str::charset::CHARSET_94;
+use clip4str::data::open_dataset;
+use clip4str::preprocess::decode_rgb;
+
+fn fonts() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/fonts")
+        .display()
+        .to_string()
+}
+
+fn clip4str(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_clip4str"))
+        .args(args)
+        .output()
+        .expect("run clip4str")
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("clip4str-cli-synth-{}-{name}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Every record of a dataset as (label, image bytes).
+fn records(path: &PathBuf) -> Vec<(String, Vec<u8>)> {
+    let dataset = open_dataset(path).expect("open");
+    (0..dataset.len())
+        .map(|i| {
+            let sample = dataset.get(i).expect("record");
+            (sample.label_raw, sample.image_bytes)
+        })
+        .collect()
+}
+
+#[test]
+fn writes_an_lmdb_that_reads_back_the_same_for_any_thread_count() {
+    let dir = temp_dir("lmdb");
+    let mut datasets = Vec::new();
+    for threads in ["1", "2"] {
+        let out = dir.join(format!("threads{threads}"));
+        let out_arg = out.display().to_string();
+        let fonts = fonts();
+        let output = clip4str(&[
+            "--threads",
+            threads,
+            "synth",
+            "--out",
+            &out_arg,
+            "--count",
+            "50",
+            "--fonts",
+            &fonts,
+            "--seed",
+            "9",
+        ]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let log = stderr(&output);
+        assert!(log.contains("1 fonts in 1 families"), "{log}");
+        assert!(log.contains("wrote 50 images"), "{log}");
+        assert!(log.contains("images/s"), "{log}");
+        datasets.push(records(&out));
+    }
+    assert_eq!(datasets[0], datasets[1]);
+    for (label, bytes) in &datasets[0] {
+        assert!((1..=25).contains(&label.len()), "{label:?}");
+        assert!(label.chars().all(|c| CHARSET_94.contains(c)), "{label:?}");
+        assert!(bytes.starts_with(b"\x89PNG"));
+        let image = decode_rgb(bytes).expect("decode");
+        assert!((32..=64).contains(&image.height()));
+    }
+
+    // An existing dataset is never overwritten.
+    let out_arg = dir.join("threads1").display().to_string();
+    let fonts = fonts();
+    let output = clip4str(&[
+        "synth", "--out", &out_arg, "--count", "5", "--fonts", &fonts,
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("refusing to overwrite"),
+        "{}",
+        stderr(&output)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn fixed_size_jpeg_shards_and_preview() {
+    let dir = temp_dir("formats");
+    let fonts = fonts();
+    let whole = dir.join("whole").display().to_string();
+    let output = clip4str(&[
+        "synth", "--out", &whole, "--count", "12", "--fonts", &fonts, "--size", "32x128",
+        "--format", "jpeg",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let whole = records(&dir.join("whole"));
+    for (_, bytes) in &whole {
+        assert!(bytes.starts_with(&[0xFF, 0xD8, 0xFF]));
+        assert_eq!(decode_rgb(bytes).expect("decode").dimensions(), (128, 32));
+    }
+    // --start continues the same sequence.
+    let tail = dir.join("tail").display().to_string();
+    let output = clip4str(&[
+        "synth", "--out", &tail, "--count", "4", "--start", "8", "--fonts", &fonts, "--size",
+        "32x128", "--format", "jpeg",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(records(&dir.join("tail")), whole[8..]);
+
+    let preview = dir.join("preview");
+    let preview_arg = preview.display().to_string();
+    let output = clip4str(&[
+        "synth",
+        "--preview",
+        &preview_arg,
+        "--count",
+        "6",
+        "--fonts",
+        &fonts,
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let shown = records(&preview);
+    assert_eq!(shown.len(), 6);
+    assert!(preview.join("00000005.png").is_file());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_arguments_are_errors() {
+    let dir = temp_dir("errors");
+    let empty = dir.join("no-fonts");
+    std::fs::create_dir_all(&empty).expect("mkdir");
+    let out = dir.join("out").display().to_string();
+    let empty_arg = empty.display().to_string();
+    let output = clip4str(&[
+        "synth", "--out", &out, "--count", "5", "--fonts", &empty_arg,
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("no .ttf/.otf fonts found"),
+        "{}",
+        stderr(&output)
+    );
+
+    let fonts = fonts();
+    let output = clip4str(&[
+        "synth",
+        "--out",
+        &out,
+        "--count",
+        "5",
+        "--fonts",
+        &fonts,
+        "--font-split",
+        "train",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("no usable font"),
+        "{}",
+        stderr(&output)
+    );
+
+    let output = clip4str(&["synth", "--out", &out, "--count", "5", "--size", "32"]);
+    assert_eq!(output.status.code(), Some(2));
+    let output = clip4str(&["synth", "--count", "5"]);
+    assert_eq!(output.status.code(), Some(2));
+    std::fs::remove_dir_all(&dir).ok();
+}
