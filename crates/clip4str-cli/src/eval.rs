@@ -298,9 +298,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
                 progress.inc(bad.len() as u64);
                 continue;
             }
+            // Move the preprocessed pixels out instead of copying them (every item in `ok` is `Ok`).
+            let mut ok = ok;
             let inputs: Vec<Vec<f32>> = ok
-                .iter()
-                .map(|i| i.input.clone().unwrap_or_default())
+                .iter_mut()
+                .filter_map(|i| std::mem::replace(&mut i.input, Ok(Vec::new())).ok())
                 .collect();
             let preds = rec.recognize_batch(&rec.batch_tensor(&inputs)?)?;
             for (item, pred) in ok.iter().zip(&preds) {

@@ -135,21 +135,36 @@ fn folder_with_a_corrupt_image_reports_it_and_goes_on() {
 
 #[test]
 fn cased_filters_like_test_py() {
+    // test.py --cased: digits + lower + upper; the printed text is the raw prediction with everything else
+    // (punctuation) removed, and the raw field keeps it.
     let cases = synth_cases();
     let ckpt = fixtures().join("tiny.ckpt");
-    let img = cases[0].0.display().to_string();
-    let out = clip4str(&[
+    let paths: Vec<String> = cases.iter().map(|c| c.0.display().to_string()).collect();
+    let mut args = vec![
         "read",
         "--checkpoint",
         ckpt.to_str().unwrap(),
-        "--punctuation",
         "--cased",
-        &img,
-    ]);
-    assert!(out.status.success());
-    let lines = parse_lines(&out.stdout);
-    // With the full 94-character test charset nothing is filtered out of the raw prediction's characters.
-    assert!(lines[0].1.chars().all(|c| c.is_ascii_graphic()));
+        "--format",
+        "json",
+    ];
+    args.extend(paths.iter().map(String::as_str));
+    let out = clip4str(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut saw_punctuation = false;
+    for line in String::from_utf8(out.stdout).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let raw = v["raw"].as_str().unwrap();
+        let want: String = raw.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+        saw_punctuation |= raw.chars().any(|c| c.is_ascii_punctuation());
+        assert_eq!(v["text"].as_str().unwrap(), want, "raw {raw:?}");
+    }
+    // The tiny model's raw predictions on these images contain punctuation, so the filter is exercised.
+    assert!(saw_punctuation);
 }
 
 #[test]

@@ -653,13 +653,26 @@ impl Trainer {
                 window_start = Instant::now();
             }
         }
-        // Interrupted between validations: keep what was learned.
-        if stop.load(Ordering::Relaxed) {
-            if let Some(m) = self.history.last().cloned() {
-                let mut m = m;
-                m.step = self.state.step;
-                self.save_last(&m)?;
-            }
+        // Interrupted between validations (possibly before the first log line): keep what was learned.
+        if stop.load(Ordering::Relaxed) && self.state.step > 0 {
+            let secs = window_start.elapsed().as_secs_f64().max(1e-9);
+            let previous = self.history.last();
+            let m = StepMetrics {
+                step: self.state.step,
+                total_steps: self.total_steps,
+                epoch: self.state.epoch,
+                loss: if window_steps > 0 {
+                    window_loss / window_steps as f64
+                } else {
+                    previous.map_or(0.0, |p| p.loss)
+                },
+                lr: self.optimizer.lrs().first().copied().unwrap_or(0.0),
+                grad_norm: previous.map_or(0.0, |p| p.grad_norm),
+                images_per_second: window_images as f64 / secs,
+                val_accuracy: None,
+                val_one_minus_ned: None,
+            };
+            self.save_last(&m)?;
         }
         Ok(())
     }
