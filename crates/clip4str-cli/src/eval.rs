@@ -19,7 +19,7 @@ use clip4str::recognizer::{Recognizer, RecognizerOptions};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 
-use crate::read::load_config;
+use crate::model_source::load_recognizer;
 
 /// Which named benchmark group to evaluate when a root holds them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -44,9 +44,9 @@ pub enum Format {
 /// Arguments of `clip4str eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Checkpoint: Lightning `.ckpt`, flat `.pt` state dict, or safetensors.
+    /// Checkpoint: Lightning `.ckpt`, flat `.pt` state dict, or safetensors (default: the bundled model).
     #[arg(long)]
-    pub checkpoint: PathBuf,
+    pub checkpoint: Option<PathBuf>,
     /// JSON with dimensions and head counts for files that carry none (layout of tiny_config.json).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -187,7 +187,6 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     if !args.rotation.is_finite() {
         anyhow::bail!("--rotation must be a finite number of degrees");
     }
-    let config = load_config(args.config.as_deref())?;
     let charset = charset_test(args.cased, args.punctuation);
     let opts = RecognizerOptions {
         charset_test: Some(charset.clone()),
@@ -196,8 +195,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         per_sample_stop: args.per_sample_stop,
         ..Default::default()
     };
-    let rec = Recognizer::from_checkpoint(&args.checkpoint, config.as_ref(), opts)
-        .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
+    let rec = load_recognizer(args.checkpoint.as_deref(), args.config.as_deref(), opts)?;
     let adapter = CharsetAdapter::new(&charset);
     let max_len = rec.config().max_label_length;
 

@@ -1,6 +1,10 @@
 //! `clip4str`: read scene text with CLIP4STR from the command line.
 
+mod bench;
+mod convert;
+mod data;
 mod eval;
+mod model_source;
 mod read;
 mod synth;
 mod train;
@@ -30,6 +34,13 @@ enum Command {
     Train(train::TrainArgs),
     /// Generate synthetic word images (MJSynth-style) into an LMDB for training.
     Synth(synth::SynthArgs),
+    /// Time each stage of a read (encoder, decoders, text encoder, refinement) and report images/s.
+    Bench(bench::BenchArgs),
+    /// Convert any loadable checkpoint to a self-describing safetensors file (optionally f16/bf16).
+    Convert(convert::ConvertArgs),
+    /// Build an LMDB from images and a label file, or summarise a dataset (counts, label lengths, charset,
+    /// contact sheet).
+    Data(data::DataArgs),
 }
 
 fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
@@ -54,6 +65,9 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval::run(args),
         Command::Train(args) => train::run(args),
         Command::Synth(args) => synth::run(args),
+        Command::Convert(args) => convert::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Data(args) => data::run(args),
     });
     match result {
         Ok(code) => code,

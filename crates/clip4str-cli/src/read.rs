@@ -8,9 +8,11 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use clip4str::charset::charset_test;
 use clip4str::preprocess::decode_rgb;
-use clip4str::recognizer::{Prediction, Recognizer, RecognizerOptions};
+use clip4str::recognizer::{Prediction, RecognizerOptions};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
+
+use crate::model_source::load_recognizer;
 
 /// Output formats of `read`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -24,9 +26,9 @@ pub enum Format {
 /// Arguments of `clip4str read`.
 #[derive(Debug, Args)]
 pub struct ReadArgs {
-    /// Checkpoint: Lightning `.ckpt`, flat `.pt` state dict, or safetensors.
+    /// Checkpoint: Lightning `.ckpt`, flat `.pt` state dict, or safetensors (default: the bundled model).
     #[arg(long)]
-    pub checkpoint: PathBuf,
+    pub checkpoint: Option<PathBuf>,
     /// JSON with dimensions and head counts for files that carry none (layout of tiny_config.json).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -138,17 +140,6 @@ pub fn run(args: ReadArgs) -> anyhow::Result<ExitCode> {
     if args.batch_size == 0 {
         anyhow::bail!("--batch-size must be at least 1");
     }
-    let config = match &args.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("reading config {}", p.display()))?;
-            Some(
-                serde_json::from_str::<serde_json::Value>(&text)
-                    .with_context(|| format!("parsing config {}", p.display()))?,
-            )
-        }
-        None => None,
-    };
     let filter = args.cased || args.punctuation;
     let opts = RecognizerOptions {
         charset_test: filter.then(|| charset_test(args.cased, args.punctuation)),
@@ -157,8 +148,7 @@ pub fn run(args: ReadArgs) -> anyhow::Result<ExitCode> {
         per_sample_stop: args.per_sample_stop,
         ..Default::default()
     };
-    let recognizer = Recognizer::from_checkpoint(&args.checkpoint, config.as_ref(), opts)
-        .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;
+    let recognizer = load_recognizer(args.checkpoint.as_deref(), args.config.as_deref(), opts)?;
 
     let mut failures: Vec<(PathBuf, String)> = Vec::new();
     let paths = collect_inputs(&args.inputs, &mut failures);
@@ -210,10 +200,19 @@ pub fn run(args: ReadArgs) -> anyhow::Result<ExitCode> {
         if !inputs.is_empty() {
             let batch = recognizer.batch_tensor(&inputs)?;
             let preds = recognizer.recognize_batch(&batch)?;
-            for (path, p) in ok_paths.iter().zip(&preds) {
-                print_prediction(&mut out, args.format, path, p).context("writing output")?;
+            let written = ok_paths
+                .iter()
+                .zip(&preds)
+                .try_for_each(|(path, p)| print_prediction(&mut out, args.format, path, p))
+                .and_then(|()| out.flush());
+            match written {
+                // The reader went away (`| head`): stop quietly like other Unix tools.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    progress.finish_and_clear();
+                    return Ok(ExitCode::SUCCESS);
+                }
+                other => other.context("writing output")?,
             }
-            out.flush().context("writing output")?;
         }
         progress.inc(chunk.len() as u64);
     }

@@ -196,6 +196,33 @@ pub fn read_checkpoint(path: &Path) -> Result<RawCheckpoint, LoadError> {
         })
     })?;
 
+    Ok(finish(path, loaded))
+}
+
+/// Reads a safetensors checkpoint held in memory (e.g. weights embedded in a binary); `label` names it in
+/// errors and in [`RawCheckpoint::path`].
+pub fn read_checkpoint_bytes(label: &Path, bytes: &[u8]) -> Result<RawCheckpoint, LoadError> {
+    match sniff(&bytes[..bytes.len().min(64)]) {
+        Ok(Sniffed::Safetensors) => {}
+        Ok(Sniffed::TorchZip) => {
+            return Err(LoadError::UnsupportedFormat {
+                path: label.to_path_buf(),
+                reason: "only safetensors can be read from memory".into(),
+            })
+        }
+        Err(reason) => {
+            return Err(LoadError::Corrupt {
+                path: label.to_path_buf(),
+                reason,
+            })
+        }
+    }
+    let loaded = safetensors_from(label, std::io::Cursor::new(bytes), bytes.len() as u64)?;
+    Ok(finish(label, loaded))
+}
+
+/// Removes a `model.`/`module.` prefix shared by every name and assembles the result.
+fn finish(path: &Path, loaded: Loaded) -> RawCheckpoint {
     let Loaded {
         format,
         mut tensors,
@@ -219,7 +246,7 @@ pub fn read_checkpoint(path: &Path) -> Result<RawCheckpoint, LoadError> {
             "removed the prefix '{prefix}' from every tensor name"
         ));
     }
-    Ok(RawCheckpoint {
+    RawCheckpoint {
         path: path.to_path_buf(),
         format,
         tensors,
@@ -227,7 +254,7 @@ pub fn read_checkpoint(path: &Path) -> Result<RawCheckpoint, LoadError> {
         metadata,
         stripped_prefix,
         notes,
-    })
+    }
 }
 
 /// Every mismatch between the file's tensors and the `(name, shape)` list a model expects:
@@ -595,6 +622,21 @@ struct SafetensorsEntry {
 
 /// Reads a safetensors file tensor by tensor, so peak memory stays near the f32 result size.
 fn read_safetensors(path: &Path) -> Result<Loaded, LoadError> {
+    let io = |source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
+    safetensors_from(path, file, file_len)
+}
+
+/// The safetensors reader over any seekable source of `file_len` bytes.
+fn safetensors_from(
+    path: &Path,
+    mut file: impl Read + Seek,
+    file_len: u64,
+) -> Result<Loaded, LoadError> {
     let corrupt = |reason: String| LoadError::Corrupt {
         path: path.to_path_buf(),
         reason,
@@ -603,8 +645,6 @@ fn read_safetensors(path: &Path) -> Result<Loaded, LoadError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut file = File::open(path).map_err(io)?;
-    let file_len = file.metadata().map_err(io)?.len();
     let mut len_bytes = [0u8; 8];
     file.read_exact(&mut len_bytes)
         .map_err(|e| corrupt(format!("cannot read the safetensors header size ({e})")))?;

@@ -191,6 +191,36 @@ impl Clip4StrConfig {
         }
     }
 
+    /// Lightning-style `hyper_parameters` so [`Clip4StrConfig::from_tensors`] restores every dimension.
+    pub fn hyper_parameters(&self) -> serde_json::Value {
+        let cfg = self;
+        serde_json::json!({
+            "charset_train": cfg.charset_train,
+            "charset_test": cfg.charset_test,
+            "max_label_length": cfg.max_label_length,
+            "context_length": cfg.context_length,
+            "img_size": cfg.vision.image_size,
+            "patch_size": cfg.vision.patch_size,
+            "dec_num_heads": cfg.decoder.heads,
+            "dec_depth": cfg.decoder.depth,
+            "text_freeze_nlayer": cfg.text_freeze_nlayer,
+            "image_freeze_nlayer": cfg.image_freeze_nlayer,
+            "dropout": cfg.dropout,
+            "clip_arch": {
+                "embed_dim": cfg.embed_dim,
+                "vision_width": cfg.vision.width,
+                "vision_layers": cfg.vision.layers,
+                "vision_heads": cfg.vision.heads,
+                "vision_patch_size": cfg.vision.patch_size,
+                "transformer_width": cfg.text.width,
+                "transformer_layers": cfg.text.layers,
+                "transformer_heads": cfg.text.heads,
+                "vocab_size": cfg.text.vocab_size,
+                "context_length": cfg.text.positional_rows,
+            },
+        })
+    }
+
     /// Number of position queries (`max_label_length + 1`).
     pub fn num_queries(&self) -> usize {
         self.max_label_length + 1

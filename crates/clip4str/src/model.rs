@@ -4,6 +4,7 @@
 //! text features being recomputed from the refined visual logits.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -91,6 +92,30 @@ pub struct Trace {
     pub text_feats_refine: Option<Tensor>,
     /// The output: refined cross-modal logits `[B, num_steps, C]`.
     pub final_logits: Tensor,
+    /// Wall time of each stage of this forward.
+    pub timings: StageTimings,
+}
+
+/// Where a forward spends its time (CPU ops are synchronous, so wall time per stage is exact).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTimings {
+    /// Image encoder (ViT).
+    pub encoder: Duration,
+    /// Visual decoder: memory projection and AR decoding.
+    pub visual_decode: Duration,
+    /// CLIP text encoder, every call (AR captions and refined captions).
+    pub text_encoder: Duration,
+    /// Cross-modal decoder: AR decoding over `[image ; text]`.
+    pub cross_decode: Duration,
+    /// Refinement passes of both decoders (text encoder excluded).
+    pub refine: Duration,
+}
+
+impl StageTimings {
+    /// Sum of all stages.
+    pub fn total(&self) -> Duration {
+        self.encoder + self.visual_decode + self.text_encoder + self.cross_decode + self.refine
+    }
 }
 
 /// Per-row argmax of `[B, T, C]` logits as host ids `[B][T]`.
@@ -169,6 +194,17 @@ impl Clip4Str {
             bpe: Arc::new(ClipBpe::new()),
             cfg: cfg.clone(),
         })
+    }
+
+    /// Builds the model on the CPU from named f32 tensors (e.g. freshly initialised weights).
+    pub fn from_tensors(
+        cfg: &Clip4StrConfig,
+        weights: std::collections::HashMap<String, Tensor>,
+    ) -> Result<Self> {
+        Self::new(
+            cfg,
+            VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+        )
     }
 
     /// The configuration the model was built with.
@@ -303,7 +339,11 @@ impl Clip4Str {
     ) -> Result<Trace> {
         let device = images.device().clone();
         let images = images.to_dtype(DType::F32)?;
+        let mut timings = StageTimings::default();
+        let clock = Instant::now();
         let memory = self.encode(&images)?;
+        timings.encoder = clock.elapsed();
+        let clock = Instant::now();
         let b = memory.dim(0)?;
         let testing = opts.max_length.is_none();
         let max_len = self.cfg.max_label_length;
@@ -333,6 +373,7 @@ impl Clip4Str {
                 &device,
             )?
         };
+        timings.visual_decode = clock.elapsed();
         let t = vis_logits.dim(1)?;
         // Each sample's own AR length: the step after its first EOS (what it would run alone).
         let lengths: Option<Vec<usize>> = (opts.per_sample_stop && testing).then(|| {
@@ -347,14 +388,18 @@ impl Clip4Str {
         });
 
         // Cross-modal features from the visual prediction, then cross-modal AR decoding (no early stop).
+        let clock = Instant::now();
         let captions_ar = self.captions(&vis_logits, adapter)?;
         let (text_ids_ar, text_feats_ar) = self.text_features(&captions_ar, &device)?;
+        timings.text_encoder = clock.elapsed();
+        let clock = Instant::now();
         let cross_memory = Tensor::cat(&[&memory, &text_feats_ar], 1)?;
         let cross_logits = {
             let _span = tracing::debug_span!("cross_decode").entered();
             let kv = self.cross_decoder.memory_kv(&cross_memory)?;
             self.decode_ar(&self.cross_decoder, &kv, &mut tgt, t, false, &device)?
         };
+        timings.cross_decode = clock.elapsed();
 
         // Refinement with the cloze mask: both branches see all their other predictions.
         let mut vis_logits_cur = vis_logits.clone();
@@ -365,6 +410,7 @@ impl Clip4Str {
         let mut text_feats_refine = None;
         for _ in 0..opts.refine_iters {
             let _span = tracing::debug_span!("refine").entered();
+            let clock = Instant::now();
             let vis_ref = self.refine_pass(
                 &self.visual_decoder,
                 &vis_kv,
@@ -372,8 +418,12 @@ impl Clip4Str {
                 num_steps,
                 lengths.as_deref(),
             )?;
+            timings.refine += clock.elapsed();
+            let clock = Instant::now();
             let caps = self.captions(&vis_ref, adapter)?;
             let (ids, feats) = self.text_features(&caps, &device)?;
+            timings.text_encoder += clock.elapsed();
+            let clock = Instant::now();
             let cross_memory = Tensor::cat(&[&memory, &feats], 1)?;
             let cross_kv = self.cross_decoder.memory_kv(&cross_memory)?;
             let final_logits = self.refine_pass(
@@ -383,6 +433,7 @@ impl Clip4Str {
                 num_steps,
                 lengths.as_deref(),
             )?;
+            timings.refine += clock.elapsed();
             // A second pass refines the refined logits over the full query length.
             vis_logits_cur = vis_ref.clone();
             cross_logits_cur = final_logits;
@@ -405,6 +456,7 @@ impl Clip4Str {
             text_ids_refine,
             text_feats_refine,
             final_logits: cross_logits_cur,
+            timings,
         })
     }
 }

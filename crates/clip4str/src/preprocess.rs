@@ -13,7 +13,7 @@ use std::io::Cursor;
 use image::{DynamicImage, ImageFormat, ImageReader, Limits, RgbImage};
 
 /// Per-channel normalisation applied after the `/255` of `ToTensor`: `(x - mean) / std`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Normalization {
     /// Subtracted from each channel (R, G, B) in `[0, 1]` units.
     pub mean: [f32; 3],
@@ -22,6 +22,10 @@ pub struct Normalization {
 }
 
 impl Normalization {
+    /// Checkpoint metadata key under which our trainer records the normalisation its weights were trained
+    /// with, so that reading uses the same one (released checkpoints have none and read with [`Self::TEST`]).
+    pub const METADATA_KEY: &'static str = "normalization";
+
     /// `(x - 0.5) / 0.5`: what `read.py` and `test.py` use, so the one to reproduce reference
     /// predictions and benchmark numbers.
     pub const TEST: Self = Self {

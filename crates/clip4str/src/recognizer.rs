@@ -39,8 +39,9 @@ pub struct RecognizerOptions {
     pub refine_iters: usize,
     /// Validation-mode decoding length (`None`: testing mode with early stop).
     pub max_length: Option<usize>,
-    /// Normalisation of the input (0.5/0.5 at test time).
-    pub normalization: Normalization,
+    /// Normalisation of the input; `None`: the one recorded in the checkpoint by our trainer, else 0.5/0.5
+    /// (the reference's test-time normalisation).
+    pub normalization: Option<Normalization>,
     /// Decode each image as if alone (results independent of the batch; see `ForwardOptions`).
     pub per_sample_stop: bool,
 }
@@ -53,7 +54,7 @@ impl Default for RecognizerOptions {
             batch_size: 1,
             refine_iters: 1,
             max_length: None,
-            normalization: Normalization::TEST,
+            normalization: None,
             per_sample_stop: false,
         }
     }
@@ -100,6 +101,19 @@ impl Recognizer {
         opts: RecognizerOptions,
     ) -> Result<Self, RecognizerError> {
         let cfg = config_for(raw, config_override)?;
+        let mut opts = opts;
+        if opts.normalization.is_none() {
+            if let Some(text) = raw.metadata.get(Normalization::METADATA_KEY) {
+                let norm = serde_json::from_str(text).map_err(|e| {
+                    RecognizerError::Options(format!(
+                        "{}: metadata `{}` is not a normalisation: {e}",
+                        raw.path.display(),
+                        Normalization::METADATA_KEY
+                    ))
+                })?;
+                opts.normalization = Some(norm);
+            }
+        }
         let expected = Clip4Str::expected_tensors(&cfg)?;
         check_tensors(raw, &expected)?;
         let device = Device::Cpu;
@@ -134,6 +148,11 @@ impl Recognizer {
         })
     }
 
+    /// The input normalisation in use.
+    pub fn normalization(&self) -> Normalization {
+        self.opts.normalization.unwrap_or(Normalization::TEST)
+    }
+
     /// The underlying network.
     pub fn model(&self) -> &Clip4Str {
         &self.model
@@ -154,7 +173,7 @@ impl Recognizer {
         let [h, w] = self.input_size();
         to_chw(
             &resize_bicubic(image, w as u32, h as u32),
-            &self.opts.normalization,
+            &self.normalization(),
         )
     }
 

@@ -177,3 +177,59 @@ fn missing_unexpected_and_misshapen_tensors_are_named() {
         "{msg}"
     );
 }
+
+#[test]
+fn recorded_normalization_is_used_unless_overridden() {
+    use clip4str::preprocess::Normalization;
+    let raw = read_checkpoint(&fixtures().join("tiny.ckpt")).unwrap();
+    let dir = std::env::temp_dir().join(format!("clip4str-norm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tiny_openai.safetensors");
+    let mut meta = HashMap::new();
+    meta.insert(
+        "hyper_parameters".to_string(),
+        serde_json::to_string(raw.hyper_parameters.as_ref().unwrap()).unwrap(),
+    );
+    meta.insert(
+        Normalization::METADATA_KEY.to_string(),
+        serde_json::to_string(&Normalization::OPENAI).unwrap(),
+    );
+    save_safetensors(&path, &raw.tensors, &meta).unwrap();
+
+    let image =
+        decode_rgb(&std::fs::read(fixtures().join("images/synth_text_L_140x40.png")).unwrap())
+            .unwrap();
+    let with = |file: &std::path::Path, norm: Option<Normalization>| {
+        let rec = Recognizer::from_checkpoint(
+            file,
+            None,
+            RecognizerOptions {
+                normalization: norm,
+                ..RecognizerOptions::default()
+            },
+        )
+        .unwrap();
+        (rec.normalization(), rec.preprocess(&image))
+    };
+    let (norm, recorded) = with(&path, None);
+    assert_eq!(norm, Normalization::OPENAI);
+    let (_, explicit) = with(&fixtures().join("tiny.ckpt"), Some(Normalization::OPENAI));
+    assert_eq!(recorded, explicit);
+    // Released checkpoints carry no such key and keep the reference's test-time 0.5/0.5.
+    let (norm, plain) = with(&fixtures().join("tiny.ckpt"), None);
+    assert_eq!(norm, Normalization::TEST);
+    assert_ne!(plain, recorded);
+    let (norm, _) = with(&path, Some(Normalization::TEST));
+    assert_eq!(norm, Normalization::TEST);
+
+    // A malformed value is an error naming the file, not a silent fallback.
+    meta.insert(Normalization::METADATA_KEY.to_string(), "[1, 2]".into());
+    let bad = dir.join("tiny_badnorm.safetensors");
+    save_safetensors(&bad, &raw.tensors, &meta).unwrap();
+    let err = Recognizer::from_checkpoint(&bad, None, RecognizerOptions::default()).unwrap_err();
+    assert!(
+        err.to_string().contains("tiny_badnorm.safetensors"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

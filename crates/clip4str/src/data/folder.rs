@@ -10,9 +10,18 @@ use super::{default_name, DataError, Dataset, LABELS_FILE};
 /// One line of the label file: a usable record, or why it is not one.
 #[derive(Debug, Clone)]
 enum Entry {
-    Record { file: String, label: String },
-    InvalidUtf8 { line: usize },
-    Malformed { line: usize, reason: &'static str },
+    Record {
+        file: String,
+        label: String,
+        line: usize,
+    },
+    InvalidUtf8 {
+        line: usize,
+    },
+    Malformed {
+        line: usize,
+        reason: &'static str,
+    },
 }
 
 /// A labelled image folder. Records are the non-blank lines of the label file in order; a malformed line is
@@ -47,16 +56,25 @@ impl FolderDataset {
     /// files (e.g. `labels_cs_punct.tsv`) are named `folder/stem`.
     pub fn from_tsv(labels_file: impl AsRef<Path>) -> Result<Self, DataError> {
         let labels_file = labels_file.as_ref();
-        let bytes = std::fs::read(labels_file).map_err(DataError::io(labels_file))?;
         let root = labels_file
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .to_owned();
+            .unwrap_or(Path::new("."));
+        Self::from_tsv_with_root(labels_file, root)
+    }
+
+    /// Opens a label file whose image names are relative to `root` rather than to the file's own folder
+    /// (a label file kept apart from its images); named like [`FolderDataset::from_tsv`].
+    pub fn from_tsv_with_root(
+        labels_file: impl AsRef<Path>,
+        root: impl AsRef<Path>,
+    ) -> Result<Self, DataError> {
+        let labels_file = labels_file.as_ref();
+        let bytes = std::fs::read(labels_file).map_err(DataError::io(labels_file))?;
         Ok(Self {
             name: default_name(labels_file),
             labels_file: labels_file.to_owned(),
-            root,
+            root: root.as_ref().to_owned(),
             entries: parse_labels(&bytes),
         })
     }
@@ -72,6 +90,15 @@ impl FolderDataset {
         &self.root
     }
 
+    /// The 1-based line of the label file that record `index` comes from, for reports.
+    pub fn line(&self, index: usize) -> Option<usize> {
+        match self.entries.get(index)? {
+            Entry::Record { line, .. }
+            | Entry::InvalidUtf8 { line }
+            | Entry::Malformed { line, .. } => Some(*line),
+        }
+    }
+
     fn entry(&self, index: usize) -> Result<&Entry, DataError> {
         self.entries
             .get(index)
@@ -84,7 +111,7 @@ impl FolderDataset {
 
     fn record(&self, index: usize) -> Result<(&str, &str), DataError> {
         match self.entry(index)? {
-            Entry::Record { file, label } => Ok((file, label)),
+            Entry::Record { file, label, .. } => Ok((file, label)),
             Entry::InvalidUtf8 { line } => Err(DataError::InvalidUtf8 {
                 path: self.labels_file.clone(),
                 key: format!("line {line}"),
@@ -133,6 +160,7 @@ fn parse_labels(bytes: &[u8]) -> Vec<Entry> {
         entries.push(Entry::Record {
             file: file.to_owned(),
             label: label.to_owned(),
+            line,
         });
     }
     entries
@@ -202,7 +230,7 @@ mod tests {
         let summary: Vec<String> = entries
             .iter()
             .map(|e| match e {
-                Entry::Record { file, label } => format!("{file}={label}"),
+                Entry::Record { file, label, .. } => format!("{file}={label}"),
                 Entry::InvalidUtf8 { line } => format!("utf8@{line}"),
                 Entry::Malformed { line, .. } => format!("bad@{line}"),
             })
@@ -237,6 +265,7 @@ mod tests {
         let dataset = FolderDataset::open(tmp.path()).expect("open");
         assert_eq!(dataset.len(), 4);
         assert_eq!(dataset.key(1), "line 2");
+        assert_eq!((dataset.line(2), dataset.line(4)), (Some(3), None));
         let sample = dataset.get(0).expect("record 0");
         assert_eq!(
             (sample.key.as_str(), sample.label_raw.as_str()),
@@ -268,5 +297,13 @@ mod tests {
             .unwrap_or_default();
         assert_eq!(alt.name(), format!("{folder_name}/labels_alt"));
         assert_eq!(alt.image(0).expect("image"), b"B-bytes");
+
+        // A label file kept apart from its images resolves names against the given root.
+        let elsewhere = TempDir::new("folder-labels");
+        let apart = elsewhere.path().join("list.tsv");
+        std::fs::write(&apart, "a.png\tA\n").expect("write");
+        let apart = FolderDataset::from_tsv_with_root(&apart, tmp.path()).expect("open apart");
+        assert_eq!(apart.root(), tmp.path());
+        assert_eq!(apart.image(0).expect("image"), b"A-bytes");
     }
 }

@@ -36,6 +36,9 @@ pub struct TrainLoaderConfig {
     /// Folders searched for datasets (every LMDB and `labels.tsv` folder below each, see
     /// [`discover_train_datasets`]), or single dataset paths; the reference's `data/train/<train_dir>`.
     pub roots: Vec<PathBuf>,
+    /// How many times each root's samples appear per epoch, one entry per root (missing entries count as
+    /// 1): oversamples a small real set next to a large synthetic one.
+    pub repeats: Vec<usize>,
     /// Charset labels are adapted to (`charset_train`, 94 characters in the reference: case kept).
     pub charset_train: String,
     /// Labels longer than this (after whitespace removal and NFKD) are dropped (25).
@@ -61,6 +64,7 @@ impl Default for TrainLoaderConfig {
     fn default() -> Self {
         Self {
             roots: Vec::new(),
+            repeats: Vec::new(),
             charset_train: CHARSET_94.to_owned(),
             max_label_length: 25,
             image_size: [224, 224],
@@ -163,7 +167,12 @@ struct Corpus {
 }
 
 impl Corpus {
-    fn open(roots: &[PathBuf], charset: &str, max_label_length: usize) -> Result<Self, DataError> {
+    fn open(
+        roots: &[PathBuf],
+        repeats: &[usize],
+        charset: &str,
+        max_label_length: usize,
+    ) -> Result<Self, DataError> {
         let adapter = CharsetAdapter::new(charset);
         let mut corpus = Corpus {
             datasets: Vec::new(),
@@ -173,7 +182,8 @@ impl Corpus {
             label_ends: Vec::new(),
             unreadable_labels: 0,
         };
-        for root in roots {
+        for (r, root) in roots.iter().enumerate() {
+            let repeat = repeats.get(r).copied().unwrap_or(1);
             let found = discover_train_datasets(root)?;
             if found.is_empty() {
                 return Err(DataError::NotADataset { path: root.clone() });
@@ -183,11 +193,13 @@ impl Corpus {
                 let filtered = dataset.filtered(&adapter, max_label_length, true, true)?;
                 let index = corpus.datasets.len();
                 corpus.unreadable_labels += filtered.failed.len();
-                corpus.kept.push(filtered.len());
-                for (record, label) in filtered.indices.into_iter().zip(filtered.labels) {
-                    corpus.records.push((index, record));
-                    corpus.label_text.push_str(&label);
-                    corpus.label_ends.push(corpus.label_text.len());
+                corpus.kept.push(filtered.len() * repeat);
+                for _ in 0..repeat {
+                    for (&record, label) in filtered.indices.iter().zip(&filtered.labels) {
+                        corpus.records.push((index, record));
+                        corpus.label_text.push_str(label);
+                        corpus.label_ends.push(corpus.label_text.len());
+                    }
                 }
                 corpus.datasets.push(dataset);
             }
@@ -574,7 +586,12 @@ impl TrainLoader {
     /// Opens every dataset under the roots and filters all labels (reads every label once). Fails when a
     /// root holds no dataset or a dataset cannot be opened; unreadable single labels are only counted.
     pub fn new(cfg: TrainLoaderConfig) -> Result<Self, DataError> {
-        let corpus = Corpus::open(&cfg.roots, &cfg.charset_train, cfg.max_label_length)?;
+        let corpus = Corpus::open(
+            &cfg.roots,
+            &cfg.repeats,
+            &cfg.charset_train,
+            cfg.max_label_length,
+        )?;
         let mut pipeline = Pipeline::new(
             corpus,
             cfg.image_size,
@@ -641,7 +658,7 @@ impl std::fmt::Debug for ValLoader {
 impl ValLoader {
     /// Opens every dataset under the roots and filters the labels with `charset_test`.
     pub fn new(cfg: ValLoaderConfig) -> Result<Self, DataError> {
-        let corpus = Corpus::open(&cfg.roots, &cfg.charset_test, cfg.max_label_length)?;
+        let corpus = Corpus::open(&cfg.roots, &[], &cfg.charset_test, cfg.max_label_length)?;
         let pipeline = Pipeline::new(
             corpus,
             cfg.image_size,
@@ -765,6 +782,43 @@ mod tests {
         let empty = TempDir::new("train-empty");
         let err = TrainLoader::new(config(vec![empty.path().to_owned()])).expect_err("no data");
         assert!(matches!(err, DataError::NotADataset { .. }));
+    }
+
+    #[test]
+    fn repeats_oversample_a_root_within_each_epoch() {
+        let tmp = TempDir::new("train-repeat");
+        let (lmdb, folder) = (tmp.path().join("lmdb"), tmp.path().join("folder"));
+        write_lmdb(&lmdb);
+        write_folder(&folder);
+        let epoch_labels = |roots: Vec<PathBuf>, repeats: Vec<usize>| {
+            let mut cfg = config(roots);
+            cfg.repeats = repeats;
+            let loader = TrainLoader::new(cfg).expect("loader");
+            let mut batches = loader.iter_from(0, 0);
+            let mut labels: Vec<String> = Vec::new();
+            loop {
+                let batch = batches.next().expect("endless").expect("batch");
+                if batch.epoch > 0 {
+                    break;
+                }
+                labels.extend(batch.labels);
+            }
+            labels.sort();
+            (loader.datasets(), labels)
+        };
+        let (datasets, mixed) = epoch_labels(vec![lmdb.clone(), folder.clone()], vec![1, 3]);
+        assert_eq!(
+            datasets,
+            [("lmdb".to_owned(), 11), ("folder".to_owned(), 15)]
+        );
+        // One epoch = the LMDB once and the folder three times, nothing else.
+        let (_, mut expected) = epoch_labels(vec![lmdb], vec![]);
+        let (_, folder_once) = epoch_labels(vec![folder], vec![]);
+        for _ in 0..3 {
+            expected.extend(folder_once.iter().cloned());
+        }
+        expected.sort();
+        assert_eq!(mixed, expected);
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod augment;
 pub mod folder;
 pub mod lmdb;
 pub mod loader;
+pub mod stats;
 pub mod synth;
 
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use crate::preprocess::{decode_rgb, ImageError};
 
 pub use folder::FolderDataset;
 pub use lmdb::{LmdbDataset, LmdbWriter};
+pub use stats::{Coverage, LabelStats, LengthBin};
 
 /// Name of the LMDB data file that marks a dataset folder.
 pub const LMDB_DATA_FILE: &str = "data.mdb";

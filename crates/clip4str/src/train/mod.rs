@@ -25,8 +25,8 @@ pub use params::{is_trainable, trainable_names, ParamStore};
 pub use perms::{gen_tgt_perms, generate_attn_masks};
 pub use schedule::OneCycleLr;
 pub use trainer::{
-    hyper_parameters, DataSpec, InitSpec, ModelSpec, OptimSpec, RunSpec, StepMetrics, TrainConfig,
-    TrainObserver, Trainer,
+    DataSpec, InitSpec, ModelSpec, OptimSpec, RunSpec, StepMetrics, TrainConfig, TrainObserver,
+    Trainer,
 };
 
 use crate::charset::CharsetError;
@@ -58,6 +58,19 @@ pub enum TrainError {
         name: String,
         /// What is wrong.
         reason: String,
+    },
+    /// The loss or gradient norm stopped being a finite number; the weights were not updated with it.
+    #[error(
+        "training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; the weights of the last \
+         saved checkpoint are intact (lower optim.lr or raise optim.warmup_pct, then resume or restart)"
+    )]
+    Diverged {
+        /// The optimizer step that produced the non-finite values.
+        step: usize,
+        /// Its loss.
+        loss: f64,
+        /// Its gradient norm before clipping.
+        grad_norm: f64,
     },
     /// Saved optimizer or scheduler state that does not fit the current model.
     #[error("optimizer state: {0}")]

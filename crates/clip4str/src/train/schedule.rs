@@ -20,6 +20,16 @@ fn cos_anneal(start: f64, end: f64, pct: f64) -> f64 {
     end + (start - end) / 2.0 * ((std::f64::consts::PI * pct).cos() + 1.0)
 }
 
+/// Position inside a phase of `len` steps. torch divides by zero (and yields NaN learning rates) when a phase
+/// is shorter than one step, e.g. a 1-step warm-up; such a phase counts as already complete.
+fn phase_pct(step: f64, len: f64) -> f64 {
+    if len > 0.0 {
+        step / len
+    } else {
+        1.0
+    }
+}
+
 impl OneCycleLr {
     /// Schedule with torch's defaults (`div_factor = 25`, `final_div_factor = 1e4`); `max_lrs` has one
     /// entry per optimizer group, `total_steps` is the number of optimizer steps of the whole run.
@@ -82,9 +92,13 @@ impl OneCycleLr {
                 let initial = max_lr / self.div_factor;
                 let min_lr = initial / self.final_div_factor;
                 if step <= warmup_end {
-                    cos_anneal(initial, max_lr, step / warmup_end)
+                    cos_anneal(initial, max_lr, phase_pct(step, warmup_end))
                 } else {
-                    cos_anneal(max_lr, min_lr, (step - warmup_end) / (last - warmup_end))
+                    cos_anneal(
+                        max_lr,
+                        min_lr,
+                        phase_pct(step - warmup_end, last - warmup_end),
+                    )
                 }
             })
             .collect())
@@ -116,5 +130,21 @@ mod tests {
         assert!((s.lrs().expect("in range")[0] - 6.72e-10).abs() < 1e-18);
         s.set_step_count(10_001);
         assert!(s.lrs().is_err());
+    }
+
+    #[test]
+    fn zero_length_phases_give_finite_rates() {
+        // 20 steps x 5% = a warm-up ending at step 0; 1 step in all = a decay phase of length 0.
+        for (total, pct) in [(20, 0.05), (1, 0.3), (10, 0.0), (10, 1.0)] {
+            let mut s = OneCycleLr::new(vec![1e-3], total, pct).expect("valid");
+            for step in 0..=total {
+                s.set_step_count(step);
+                let lr = s.lrs().expect("in range")[0];
+                assert!(
+                    lr.is_finite() && lr > 0.0,
+                    "total {total} pct {pct} step {step}: {lr}"
+                );
+            }
+        }
     }
 }

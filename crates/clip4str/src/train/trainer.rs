@@ -134,6 +134,9 @@ pub enum InitSpec {
 pub struct DataSpec {
     /// Training roots (every LMDB / labels.tsv dataset below each is used).
     pub train: Vec<PathBuf>,
+    /// Times each `train` root is repeated per epoch, one entry per root (default: all 1).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repeat: Vec<usize>,
     /// Validation datasets.
     #[serde(default)]
     pub val: Vec<PathBuf>,
@@ -316,35 +319,6 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     move |e| TrainError::Config(format!("{}: {e}", path.display()))
 }
 
-/// Lightning-style `hyper_parameters` so [`Clip4StrConfig::from_tensors`] restores every dimension.
-pub fn hyper_parameters(cfg: &Clip4StrConfig) -> serde_json::Value {
-    serde_json::json!({
-        "charset_train": cfg.charset_train,
-        "charset_test": cfg.charset_test,
-        "max_label_length": cfg.max_label_length,
-        "context_length": cfg.context_length,
-        "img_size": cfg.vision.image_size,
-        "patch_size": cfg.vision.patch_size,
-        "dec_num_heads": cfg.decoder.heads,
-        "dec_depth": cfg.decoder.depth,
-        "text_freeze_nlayer": cfg.text_freeze_nlayer,
-        "image_freeze_nlayer": cfg.image_freeze_nlayer,
-        "dropout": cfg.dropout,
-        "clip_arch": {
-            "embed_dim": cfg.embed_dim,
-            "vision_width": cfg.vision.width,
-            "vision_layers": cfg.vision.layers,
-            "vision_heads": cfg.vision.heads,
-            "vision_patch_size": cfg.vision.patch_size,
-            "transformer_width": cfg.text.width,
-            "transformer_layers": cfg.text.layers,
-            "transformer_heads": cfg.text.heads,
-            "vocab_size": cfg.text.vocab_size,
-            "context_length": cfg.text.positional_rows,
-        },
-    })
-}
-
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
     let tmp = path.with_extension("tmp");
     {
@@ -430,6 +404,19 @@ impl Trainer {
         let store = ParamStore::new(&model_cfg, weights, DType::F32, &device)?;
         let model = store.build_model(&model_cfg)?;
         let o = &cfg.optim;
+        let repeat = &cfg.data.repeat;
+        if !repeat.is_empty() && repeat.len() != cfg.data.train.len() {
+            return Err(TrainError::Config(format!(
+                "data.repeat has {} entries but data.train has {} roots; give one count per root",
+                repeat.len(),
+                cfg.data.train.len()
+            )));
+        }
+        if repeat.contains(&0) {
+            return Err(TrainError::Config(
+                "data.repeat counts must be at least 1 (remove the root instead)".into(),
+            ));
+        }
         if o.batch_size == 0 || o.accumulate == 0 {
             return Err(TrainError::Config(
                 "batch_size and accumulate must be at least 1".into(),
@@ -451,6 +438,7 @@ impl Trainer {
         }
         let loader = TrainLoader::new(TrainLoaderConfig {
             roots: cfg.data.train.clone(),
+            repeats: cfg.data.repeat.clone(),
             charset_train: model_cfg.charset_train.clone(),
             max_label_length: model_cfg.max_label_length,
             image_size: model_cfg.vision.image_size,
@@ -602,6 +590,13 @@ impl Trainer {
             let vars: Vec<&Var> = self.store.trainable().iter().map(|(_, v)| v).collect();
             let norm = clip_grad_norm(&mut grads, vars, o.grad_clip)?;
             let last_grad_norm = norm.total_norm;
+            if !step_loss.is_finite() || !last_grad_norm.is_finite() {
+                return Err(TrainError::Diverged {
+                    step: self.state.step + 1,
+                    loss: step_loss,
+                    grad_norm: last_grad_norm,
+                });
+            }
             self.optimizer.step(&grads)?;
             self.schedule.step();
             self.state.step += 1;
@@ -700,7 +695,7 @@ impl Trainer {
             charset_test: Some(charset.clone()),
             filter_output: true,
             batch_size: 64,
-            normalization: Normalization::OPENAI,
+            normalization: Some(Normalization::OPENAI),
             ..RecognizerOptions::default()
         };
         let rec = Recognizer::from_model(self.model.clone(), opts)
@@ -738,7 +733,7 @@ impl Trainer {
         let mut meta = HashMap::new();
         meta.insert(
             crate::checkpoint::HYPER_PARAMETERS_METADATA_KEY.to_string(),
-            hyper_parameters(&self.model_cfg).to_string(),
+            self.model_cfg.hyper_parameters().to_string(),
         );
         meta.insert(
             "run_state".into(),
@@ -749,6 +744,12 @@ impl Trainer {
             serde_json::to_string(m).map_err(|e| TrainError::Config(e.to_string()))?,
         );
         meta.insert("format".into(), "clip4str".into());
+        // The loader normalises with the OpenAI mean/std (as the reference trains); reading must match.
+        meta.insert(
+            Normalization::METADATA_KEY.into(),
+            serde_json::to_string(&Normalization::OPENAI)
+                .map_err(|e| TrainError::Config(e.to_string()))?,
+        );
         Ok(meta)
     }
 
@@ -769,7 +770,7 @@ impl Trainer {
         let info = serde_json::json!({
             "step": self.state.step,
             "metrics": m,
-            "hyper_parameters": hyper_parameters(&self.model_cfg),
+            "hyper_parameters": self.model_cfg.hyper_parameters(),
         });
         write_atomic(
             &dir.join(format!("{name}.json")),

@@ -1,0 +1,307 @@
+//! `clip4str bench`: per-stage timing of a full CLIP4STR read (preprocess, encoder, decoders, text encoder,
+//! refinement) on a checkpoint, the bundled model, or random weights of a preset's exact shapes.
+
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use candle_core::Tensor;
+use clap::{Args, ValueEnum};
+use clip4str::config::Clip4StrConfig;
+use clip4str::model::{Clip4Str, StageTimings};
+use clip4str::preprocess::decode_rgb;
+use clip4str::recognizer::{Recognizer, RecognizerOptions};
+use clip4str::train::init::init_weights;
+use image::{ImageFormat, Rgb, RgbImage};
+use rayon::prelude::*;
+
+use crate::model_source::{load_recognizer, BUNDLED_NAME};
+
+/// How many decoding steps to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Steps {
+    /// All 26 positions, no early stop (the reference benchmark; random weights never emit EOS anyway).
+    Full,
+    /// `max_length = 7`: 8 positions, like the reference's short measurement.
+    #[value(name = "7")]
+    Seven,
+    /// Stop when every image has ended, as `read` does (meaningful for trained weights).
+    Auto,
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchFormat {
+    /// A table.
+    Text,
+    /// One JSON document.
+    Json,
+}
+
+/// Numeric precision of the forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Precision {
+    /// 32-bit floats everywhere (the parity-tested path).
+    F32,
+}
+
+/// Arguments of `clip4str bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Checkpoint to time (default: the bundled model unless --preset is given).
+    #[arg(long, conflicts_with = "preset")]
+    pub checkpoint: Option<PathBuf>,
+    /// JSON with dimensions and head counts for files that carry none.
+    #[arg(long, requires = "checkpoint")]
+    pub config: Option<PathBuf>,
+    /// Random weights with the exact shapes of a preset: b16, b32, l14, h14, tiny, small.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Images per forward.
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// Decoding length (default: full for presets, auto for trained weights).
+    #[arg(long, value_enum)]
+    pub steps: Option<Steps>,
+    /// Timed runs after the warm-up (median and min are reported).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Untimed warm-up runs.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Numeric precision.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = BenchFormat::Text)]
+    pub format: BenchFormat,
+}
+
+/// One timed run: preprocessing, then the model's own stage timings, then logits to strings.
+struct Run {
+    preprocess: Duration,
+    stages: StageTimings,
+    postprocess: Duration,
+    total: Duration,
+}
+
+/// A word-crop-like test image (dark strokes on a light gradient), stored as PNG so preprocessing includes
+/// decoding as it does for real files.
+fn sample_png() -> anyhow::Result<Vec<u8>> {
+    let img = RgbImage::from_fn(160, 48, |x, y| {
+        let stroke = (x / 9 + y / 7) % 4 == 0 && (8..40).contains(&y);
+        if stroke {
+            Rgb([20, 24, 30])
+        } else {
+            let v = 180 + ((x + 2 * y) % 60) as u8;
+            Rgb([v, v, 255 - v / 3])
+        }
+    });
+    let mut bytes = Vec::new();
+    img.write_to(&mut Cursor::new(&mut bytes), ImageFormat::Png)
+        .context("encoding the benchmark image")?;
+    Ok(bytes)
+}
+
+fn random_model(preset: &str) -> anyhow::Result<(Clip4Str, String)> {
+    let cfg = Clip4StrConfig::by_name(preset).with_context(|| {
+        format!("unknown preset {preset:?}; choose b16, b32, l14, h14, tiny or small")
+    })?;
+    let weights: HashMap<String, Tensor> = init_weights(&cfg, 0)?.into_iter().collect();
+    let model = Clip4Str::from_tensors(&cfg, weights)?;
+    Ok((model, format!("{preset} (random weights)")))
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|n| n.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+/// Runs `bench`.
+pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if args.batch_size == 0 {
+        anyhow::bail!("--batch-size must be at least 1");
+    }
+    if args.runs == 0 {
+        anyhow::bail!("--runs must be at least 1");
+    }
+    let steps = args.steps.unwrap_or(if args.preset.is_some() {
+        Steps::Full
+    } else {
+        Steps::Auto
+    });
+    let max_length = match steps {
+        Steps::Full => Some(usize::MAX),
+        Steps::Seven => Some(7),
+        Steps::Auto => None,
+    };
+    let opts = RecognizerOptions {
+        batch_size: args.batch_size,
+        ..RecognizerOptions::default()
+    };
+    let (recognizer, model_name) = match &args.preset {
+        Some(preset) => {
+            let (model, name) = random_model(preset)?;
+            (Recognizer::from_model(model, opts)?, name)
+        }
+        None => {
+            let rec = load_recognizer(args.checkpoint.as_deref(), args.config.as_deref(), opts)?;
+            let name = args
+                .checkpoint
+                .as_ref()
+                .map_or_else(|| BUNDLED_NAME.to_string(), |p| p.display().to_string());
+            (rec, name)
+        }
+    };
+    let cfg = recognizer.config().clone();
+    let max_length = max_length.map(|l| l.min(cfg.max_label_length));
+    let model = recognizer.model();
+    let adapter = clip4str::charset::CharsetAdapter::new(&cfg.charset_test);
+    let forward = clip4str::model::ForwardOptions {
+        max_length,
+        refine_iters: 1,
+        per_sample_stop: false,
+    };
+    let png = sample_png()?;
+
+    let one_run = || -> anyhow::Result<Run> {
+        let start = Instant::now();
+        let inputs: Vec<Vec<f32>> = (0..args.batch_size)
+            .into_par_iter()
+            .map(|_| decode_rgb(&png).map(|img| recognizer.preprocess(&img)))
+            .collect::<Result<_, _>>()?;
+        let batch = recognizer.batch_tensor(&inputs)?;
+        let preprocess = start.elapsed();
+        let trace = model.forward_trace(&batch, &adapter, &forward)?;
+        let post = Instant::now();
+        let preds = recognizer.decode(&trace.final_logits)?;
+        debug_assert_eq!(preds.len(), args.batch_size);
+        Ok(Run {
+            preprocess,
+            stages: trace.timings,
+            postprocess: post.elapsed(),
+            total: start.elapsed(),
+        })
+    };
+    for _ in 0..args.warmup {
+        one_run()?;
+    }
+    let mut runs = Vec::with_capacity(args.runs);
+    for _ in 0..args.runs {
+        runs.push(one_run()?);
+    }
+
+    type Pick = fn(&Run) -> Duration;
+    let stages: [(&str, Pick); 8] = [
+        ("preprocess", |r| r.preprocess),
+        ("encoder", |r| r.stages.encoder),
+        ("visual_decode", |r| r.stages.visual_decode),
+        ("text_encoder", |r| r.stages.text_encoder),
+        ("cross_decode", |r| r.stages.cross_decode),
+        ("refine", |r| r.stages.refine),
+        ("postprocess", |r| r.postprocess),
+        ("total", |r| r.total),
+    ];
+    let summary: Vec<(&str, Duration, Duration)> = stages
+        .iter()
+        .map(|(name, pick)| {
+            let v: Vec<Duration> = runs.iter().map(pick).collect();
+            let min = v.iter().copied().min().unwrap_or_default();
+            (*name, median(v), min)
+        })
+        .collect();
+    let get = |name: &str| {
+        summary
+            .iter()
+            .find(|s| s.0 == name)
+            .map_or(Duration::ZERO, |s| s.1)
+    };
+    let total = get("total");
+    let images_per_second = args.batch_size as f64 / total.as_secs_f64().max(1e-12);
+    let decoding = get("visual_decode") + get("cross_decode") + get("refine");
+    let decode_pct = 100.0 * decoding.as_secs_f64() / get("encoder").as_secs_f64().max(1e-12);
+    let threads = rayon::current_num_threads();
+    let steps_name = match steps {
+        Steps::Full => "full",
+        Steps::Seven => "7",
+        Steps::Auto => "auto",
+    };
+    let build = "pure Rust (candle gemm)";
+
+    match args.format {
+        BenchFormat::Json => {
+            let stages: serde_json::Map<String, serde_json::Value> = summary
+                .iter()
+                .map(|(name, med, min)| {
+                    (
+                        (*name).to_string(),
+                        serde_json::json!({"median_ms": ms(*med), "min_ms": ms(*min)}),
+                    )
+                })
+                .collect();
+            let doc = serde_json::json!({
+                "model": model_name,
+                "image_size": cfg.vision.image_size,
+                "batch_size": args.batch_size,
+                "steps": steps_name,
+                "precision": "f32",
+                "threads": threads,
+                "build": build,
+                "cpu": cpu_name(),
+                "runs": args.runs,
+                "warmup": args.warmup,
+                "stages": stages,
+                "images_per_second": images_per_second,
+                "decode_percent_of_encoder": decode_pct,
+            });
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+        }
+        BenchFormat::Text => {
+            println!(
+                "model {model_name}, input {}x{}, batch {}, steps {steps_name}, f32, {threads} threads, {build}",
+                cfg.vision.image_size[0], cfg.vision.image_size[1], args.batch_size
+            );
+            println!(
+                "cpu {}; {} timed runs after {} warm-up",
+                cpu_name(),
+                args.runs,
+                args.warmup
+            );
+            println!(
+                "{:<14} {:>11} {:>11} {:>7}",
+                "stage", "median ms", "min ms", "share"
+            );
+            for (name, med, min) in &summary {
+                let share = 100.0 * med.as_secs_f64() / total.as_secs_f64().max(1e-12);
+                println!(
+                    "{name:<14} {:>11.2} {:>11.2} {:>6.1}%",
+                    ms(*med),
+                    ms(*min),
+                    share
+                );
+            }
+            println!("{images_per_second:.2} images/s end to end (median run)");
+            println!("decoding (visual + cross + refine) = {decode_pct:.1}% of encoder time");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

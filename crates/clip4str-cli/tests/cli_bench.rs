@@ -1,0 +1,87 @@
+//! End-to-end test of `clip4str bench` on random tiny weights: the report is complete and consistent.
+//! (Speed itself is measured by running the command, not asserted here.)
+
+use std::process::Command;
+
+fn clip4str(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_clip4str"))
+        .args(args)
+        .output()
+        .expect("run clip4str")
+}
+
+#[test]
+fn json_report_has_every_stage() {
+    let out = clip4str(&[
+        "bench",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "2",
+        "--runs",
+        "2",
+        "--warmup",
+        "0",
+        "--steps",
+        "7",
+        "--format",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(doc["batch_size"], 2);
+    assert_eq!(doc["steps"], "7");
+    assert_eq!(doc["runs"], 2);
+    let stages = doc["stages"].as_object().expect("stages");
+    let mut sum = 0.0;
+    for name in [
+        "preprocess",
+        "encoder",
+        "visual_decode",
+        "text_encoder",
+        "cross_decode",
+        "refine",
+        "postprocess",
+    ] {
+        let s = &stages[name];
+        let (med, min) = (
+            s["median_ms"].as_f64().unwrap(),
+            s["min_ms"].as_f64().unwrap(),
+        );
+        assert!(min > 0.0 && min <= med, "{name}: min {min} median {med}");
+        sum += min;
+    }
+    let total = &stages["total"];
+    assert!(total["median_ms"].as_f64().unwrap() >= sum * 0.5);
+    let ips = doc["images_per_second"].as_f64().unwrap();
+    let expected = 2.0 / (total["median_ms"].as_f64().unwrap() / 1e3);
+    assert!(
+        (ips - expected).abs() < 1e-6 * expected,
+        "{ips} vs {expected}"
+    );
+}
+
+#[test]
+fn bad_arguments_are_refused() {
+    for (args, needle) in [
+        (vec!["bench", "--preset", "nope"], "unknown preset"),
+        (
+            vec!["bench", "--preset", "tiny", "--batch-size", "0"],
+            "--batch-size",
+        ),
+        (vec!["bench", "--preset", "tiny", "--runs", "0"], "--runs"),
+        (
+            vec!["bench", "--checkpoint", "/nonexistent/x.ckpt"],
+            "x.ckpt",
+        ),
+    ] {
+        let out = clip4str(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}

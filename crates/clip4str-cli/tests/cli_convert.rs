@@ -1,0 +1,150 @@
+//! End-to-end tests of `clip4str convert`: the converted file loads alone and reads like the original.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn clip4str(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_clip4str"))
+        .args(args)
+        .output()
+        .expect("run clip4str")
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// `read --format json` over the committed synthetic images with `checkpoint`.
+fn read_json(checkpoint: &Path) -> Vec<serde_json::Value> {
+    let images = fixtures().join("images");
+    let out = clip4str(&[
+        "read",
+        "--format",
+        "json",
+        "--checkpoint",
+        path_str(checkpoint),
+        path_str(&images),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+#[test]
+fn f32_conversion_reads_identically_and_f16_closely() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let f32_out = tmp.path().join("tiny32.safetensors");
+    let f16_out = tmp.path().join("tiny16.safetensors");
+    let ckpt = fixtures().join("tiny.ckpt");
+    let out = clip4str(&["convert", path_str(&ckpt), path_str(&f32_out)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = clip4str(&[
+        "convert",
+        path_str(&ckpt),
+        path_str(&f16_out),
+        "--dtype",
+        "f16",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let size32 = std::fs::metadata(&f32_out).expect("f32 file").len();
+    let size16 = std::fs::metadata(&f16_out).expect("f16 file").len();
+    assert!(
+        size16 * 10 < size32 * 6,
+        "f16 {size16} bytes vs f32 {size32}"
+    );
+
+    let original = read_json(&ckpt);
+    assert_eq!(original.len(), 5);
+    assert_eq!(read_json(&f32_out), original);
+    // Rounding the random tiny model's weights to f16 may flip a near-tie, but not the bulk of the output.
+    let half = read_json(&f16_out);
+    let same = half
+        .iter()
+        .zip(&original)
+        .filter(|(a, b)| a["text"] == b["text"])
+        .count();
+    assert!(same >= 4, "only {same}/5 strings survive f16 storage");
+}
+
+#[test]
+fn file_without_head_counts_needs_config_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out_path = tmp.path().join("tiny.safetensors");
+    let pt = fixtures().join("tiny.pt");
+    let out = clip4str(&["convert", path_str(&pt), path_str(&out_path)]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
+    assert!(
+        !out_path.exists(),
+        "a failed conversion must not leave a file"
+    );
+
+    let config = fixtures().join("tiny_config.json");
+    let out = clip4str(&[
+        "convert",
+        path_str(&pt),
+        path_str(&out_path),
+        "--config",
+        path_str(&config),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The converted file carries the dimensions: no --config needed any more.
+    assert_eq!(
+        read_json(&out_path),
+        read_json(&fixtures().join("tiny.ckpt"))
+    );
+}
+
+#[test]
+fn existing_output_is_kept_unless_forced() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out_path = tmp.path().join("taken.safetensors");
+    std::fs::write(&out_path, b"precious").expect("write");
+    let ckpt = fixtures().join("tiny.ckpt");
+    let out = clip4str(&["convert", path_str(&ckpt), path_str(&out_path)]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    assert_eq!(std::fs::read(&out_path).expect("read"), b"precious");
+    let out = clip4str(&["convert", "--force", path_str(&ckpt), path_str(&out_path)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(read_json(&out_path), read_json(&ckpt));
+}
+
+#[test]
+fn broken_input_is_named() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bad = tmp.path().join("broken.ckpt");
+    std::fs::write(&bad, b"PK\x03\x04 not really a zip").expect("write");
+    let out_path = tmp.path().join("out.safetensors");
+    let out = clip4str(&["convert", path_str(&bad), path_str(&out_path)]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("broken.ckpt"));
+    assert!(!out_path.exists());
+}
