@@ -1,7 +1,10 @@
 //! Building blocks shared by the CLIP encoders and the PARSeq decoders.
 //!
 //! Everything here is written with differentiable candle ops: candle's fused layer norm and
-//! `softmax_last_dim` drop gradients silently, and the same modules serve training.
+//! `softmax_last_dim` drop gradients silently, and the same modules serve training. Inference (inputs that
+//! track no gradient) takes the kernels of [`fused`] instead, which refuse anything that does.
+
+pub mod fused;
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -24,10 +27,9 @@ impl LayerNorm {
             eps: 1e-5,
         })
     }
-}
 
-impl Module for LayerNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// The differentiable composite, used whenever the fused kernel declines (training, f64, ...).
+    pub fn forward_composite(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let compute = if dtype == DType::F64 {
             DType::F64
@@ -43,6 +45,15 @@ impl Module for LayerNorm {
             .broadcast_mul(&self.weight.to_dtype(compute)?)?
             .broadcast_add(&self.bias.to_dtype(compute)?)?
             .to_dtype(dtype)
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match fused::layer_norm(x, &self.weight, &self.bias, self.eps)? {
+            Some(y) => Ok(y),
+            None => self.forward_composite(x),
+        }
     }
 }
 
@@ -86,15 +97,53 @@ impl Module for Linear {
 
 /// `x * sigmoid(1.702 x)`, the activation of every CLIP block (SPEC §18.3).
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    match fused::quick_gelu(x)? {
+        Some(y) => Ok(y),
+        None => quick_gelu_composite(x),
+    }
+}
+
+/// [`quick_gelu`] from differentiable ops.
+pub fn quick_gelu_composite(x: &Tensor) -> Result<Tensor> {
     let gate = ((x * -1.702)?.exp()? + 1.0)?.recip()?;
     x * gate
 }
 
-/// Numerically stable softmax over the last dimension, built from differentiable ops.
+/// Numerically stable softmax over the last dimension.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    match fused::softmax_last_dim(x, 1.0, None)? {
+        Some(y) => Ok(y),
+        None => softmax_composite(x),
+    }
+}
+
+/// [`softmax`] from differentiable ops.
+pub fn softmax_composite(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?;
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Attention weights `softmax(scores * scale + mask)` over the last dimension; `mask` is additive
+/// (0 / -inf) and broadcastable to `scores [B, H, L, S]`.
+pub fn attention_softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    match fused::softmax_last_dim(scores, scale as f32, mask)? {
+        Some(y) => Ok(y),
+        None => attention_softmax_composite(scores, scale, mask),
+    }
+}
+
+/// [`attention_softmax`] from differentiable ops.
+pub fn attention_softmax_composite(
+    scores: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let scores = (scores * scale)?;
+    match mask {
+        Some(mask) => softmax_composite(&scores.broadcast_add(mask)?),
+        None => softmax_composite(&scores),
+    }
 }
 
 /// Inverted dropout, identity when `p == 0` or outside training.
@@ -187,12 +236,9 @@ impl MultiheadAttention {
         let (b, l, _) = q_in.dims3()?;
         let hd = self.dim / self.heads;
         let q = self.split_heads(&self.q_proj.forward(q_in)?)?;
-        let q = (q * (1.0 / (hd as f64).sqrt()))?;
-        let mut scores = q.matmul(&kv.k.t()?)?; // [B, H, L, S]
-        if let Some(mask) = mask {
-            scores = scores.broadcast_add(mask)?;
-        }
-        let attn = dropout(&softmax(&scores)?, self.dropout, train)?;
+        let scores = q.matmul(&kv.k.t()?)?; // [B, H, L, S], scaled inside the softmax
+        let attn = attention_softmax(&scores, 1.0 / (hd as f64).sqrt(), mask)?;
+        let attn = dropout(&attn, self.dropout, train)?;
         let out = attn.matmul(&kv.v)?; // [B, H, L, hd]
         let out = out.transpose(1, 2)?.reshape((b, l, self.dim))?;
         self.out_proj.forward(&out)

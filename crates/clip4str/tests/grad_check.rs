@@ -1,6 +1,7 @@
 //! Gradient guard: autograd through every building block used in training matches central finite
 //! differences in f64, and every parameter receives a gradient. A module that switched to candle's fused
-//! `layer_norm` / `softmax_last_dim` (which have no backward pass) fails here.
+//! `layer_norm` / `softmax_last_dim` (which have no backward pass) fails here. The f32 modules, which run
+//! clip4str's own fused kernels at inference, must still take the differentiable path when fed `Var`s.
 
 use std::path::PathBuf;
 
@@ -37,7 +38,8 @@ fn randomize(varmap: &VarMap, rng: &mut ChaCha8Rng) -> Vec<(String, Var)> {
         } else {
             value
         };
-        var.set(&value).expect("set");
+        var.set(&value.to_dtype(var.dtype()).expect("dtype"))
+            .expect("set");
     }
     vars
 }
@@ -245,12 +247,14 @@ fn residual_attention_block_gradients() {
 }
 
 /// The modules that training differentiates must not call candle's fused ops (they have no backward pass
-/// and silently cut the gradient).
+/// and silently cut the gradient). clip4str's own kernels (`nn/fused.rs`) may only be applied behind the
+/// `inference_only` gate, which must check `track_op`.
 #[test]
 fn no_fused_ops_in_trained_modules() {
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
     let files = [
         "nn.rs",
+        "nn/fused.rs",
         "decoder.rs",
         "model.rs",
         "clip/transformer.rs",
@@ -265,15 +269,91 @@ fn no_fused_ops_in_trained_modules() {
         "candle_nn::layer_norm",
         "candle_nn::ops::softmax",
     ];
+    let custom_op = ["apply_op", "_no_bwd"];
     for file in files {
         let text = std::fs::read_to_string(src.join(file)).expect("source file");
+        // Unit tests never run in training; they may call the kernels directly.
+        let text = text.split("#[cfg(test)]").next().unwrap_or_default();
         for (i, line) in text.lines().enumerate() {
             let code = line.split("//").next().unwrap_or_default();
             for op in fused {
-                assert!(!code.contains(op), "{file}:{}: uses fused `{op}`", i + 1);
+                // Our own gated kernel of that name is called as `fused::softmax_last_dim`.
+                let own =
+                    code.contains(&format!("fused::{op}")) || code.contains(&format!("fn {op}"));
+                assert!(
+                    !code.contains(op) || own,
+                    "{file}:{}: uses fused `{op}`",
+                    i + 1
+                );
+            }
+            if file != "nn/fused.rs" {
+                for op in custom_op {
+                    assert!(
+                        !code.contains(op),
+                        "{file}:{}: applies a custom op outside nn/fused.rs",
+                        i + 1
+                    );
+                }
             }
         }
     }
+    let kernels = std::fs::read_to_string(src.join("nn/fused.rs")).expect("nn/fused.rs");
+    let mut gated = 0;
+    for (name, body) in top_level_fns(&kernels) {
+        let code: String = body
+            .lines()
+            .map(|l| l.split("//").next().unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n");
+        if name == "inference_only" {
+            assert!(
+                code.contains("!t.track_op()"),
+                "inference_only must reject tensors that track gradients"
+            );
+        }
+        if let Some(apply) = code.find("apply_op") {
+            assert!(
+                code.find("if !inference_only(")
+                    .is_some_and(|gate| gate < apply),
+                "nn/fused.rs: `{name}` applies a kernel without first checking `inference_only`"
+            );
+            assert!(
+                !code.contains("_no_bwd"),
+                "nn/fused.rs: `{name}` must keep candle's erroring backward"
+            );
+            gated += 1;
+        }
+    }
+    assert!(
+        gated >= 3,
+        "expected the softmax, layer norm and QuickGELU entry points, found {gated}"
+    );
+}
+
+/// `(name, text)` of every function that starts at column 0 (up to the next top-level item).
+fn top_level_fns(text: &str) -> Vec<(String, String)> {
+    let mut fns: Vec<(String, String)> = Vec::new();
+    let mut inside = false;
+    for line in text.lines() {
+        let item = line.strip_prefix("pub ").unwrap_or(line);
+        if let Some(rest) = item.strip_prefix("fn ") {
+            let name = rest
+                .split(['(', '<'])
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            fns.push((name, String::new()));
+            inside = true;
+        } else if !line.starts_with([' ', '}', ')']) && !line.is_empty() {
+            inside = false;
+        }
+        if inside {
+            let body = &mut fns.last_mut().expect("a function started").1;
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    fns
 }
 
 #[test]
@@ -290,5 +370,167 @@ fn fused_ops_would_be_caught() {
     assert!(
         caught,
         "fused softmax unexpectedly has a gradient; the guard's premise changed"
+    );
+}
+
+/// Runs `forward` on f32 `Var`s (weights and inputs) and checks that autograd reaches every one of them with
+/// the gradients of the f64 composite, and that the same values as plain tensors (the fused inference path)
+/// give the same output.
+fn check_f32_var_path<M>(
+    what: &str,
+    seed: u64,
+    input_dims: &[&[usize]],
+    build: impl Fn(VarBuilder) -> M,
+    forward: impl Fn(&M, &[Tensor]) -> Tensor,
+) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let varmap = VarMap::new();
+    let module = build(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu));
+    let mut vars = randomize(&varmap, &mut rng);
+    let inputs: Vec<Var> = input_dims
+        .iter()
+        .map(|dims| {
+            Var::from_tensor(
+                &random(&mut rng, dims, 1.0)
+                    .to_dtype(DType::F32)
+                    .expect("f32"),
+            )
+            .expect("var")
+        })
+        .collect();
+    vars.extend(
+        inputs
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("input{i}"), v.clone())),
+    );
+    let out_dims = {
+        let tensors: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+        forward(&module, &tensors).dims().to_vec()
+    };
+    let w = random(&mut rng, &out_dims, 1.0);
+
+    // f32 Vars: must differentiate (a kernel without backward would make `backward` fail).
+    let tensors: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+    let out32 = forward(&module, &tensors);
+    let grads32 = probe(&out32, &w.to_dtype(DType::F32).expect("f32"))
+        .backward()
+        .unwrap_or_else(|e| panic!("{what}: f32 Var path is not differentiable: {e}"));
+
+    // The same values in f64: the composite path checked against finite differences above.
+    let varmap64 = VarMap::new();
+    let module64 = build(VarBuilder::from_varmap(&varmap64, DType::F64, &Device::Cpu));
+    let vars64: Vec<(String, Var)> = {
+        let data = varmap64.data().lock().expect("varmap lock");
+        vars.iter()
+            .map(|(name, var)| {
+                let value = var.as_tensor().to_dtype(DType::F64).expect("f64");
+                let var64 = match data.get(name) {
+                    Some(v) => {
+                        v.set(&value).expect("set");
+                        v.clone()
+                    }
+                    None => Var::from_tensor(&value).expect("var"),
+                };
+                (name.clone(), var64)
+            })
+            .collect()
+    };
+    let inputs64: Vec<Tensor> = vars64[vars64.len() - inputs.len()..]
+        .iter()
+        .map(|(_, v)| v.as_tensor().clone())
+        .collect();
+    let grads64 = probe(&forward(&module64, &inputs64), &w)
+        .backward()
+        .expect("f64 backward");
+
+    let mut worst = 0f64;
+    for ((name, var), (_, var64)) in vars.iter().zip(&vars64) {
+        let g32: Vec<f64> = grads32
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{what}: {name} got no gradient in f32"))
+            .to_dtype(DType::F64)
+            .and_then(|g| g.flatten_all()?.to_vec1())
+            .expect("grad");
+        let g64: Vec<f64> = grads64
+            .get(var64.as_tensor())
+            .expect("f64 gradient")
+            .flatten_all()
+            .and_then(|g| g.to_vec1())
+            .expect("grad");
+        let scale = g64.iter().fold(0f64, |m, g| m.max(g.abs()));
+        assert!(
+            g32.iter().all(|g| g.is_finite()),
+            "{what}: {name} has a non-finite gradient"
+        );
+        assert!(
+            scale > 0.0 && g32.iter().any(|g| *g != 0.0),
+            "{what}: {name} has a zero gradient"
+        );
+        let err = g32
+            .iter()
+            .zip(&g64)
+            .fold(0f64, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
+        assert!(
+            err < 1e-4,
+            "{what}: {name} f32 gradient off by {err:.2e} from the f64 composite"
+        );
+        worst = worst.max(err);
+    }
+
+    // Plain tensors with the same values take the fused kernels: same output as the Var path.
+    let plain: std::collections::HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    let module_plain = build(VarBuilder::from_tensors(plain, DType::F32, &Device::Cpu));
+    let plain_inputs: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().detach()).collect();
+    let out_plain = forward(&module_plain, &plain_inputs);
+    assert!(
+        !out_plain.track_op(),
+        "{what}: plain inputs should give a plain output"
+    );
+    let diff = (&out_plain - &out32)
+        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+        .expect("diff");
+    eprintln!(
+        "{what}: f32 Var path grads within {worst:.2e} of f64; fused forward within {diff:.2e}"
+    );
+    assert!(
+        diff < 1e-5,
+        "{what}: fused forward differs from the Var path by {diff:.2e}"
+    );
+}
+
+#[test]
+fn f32_vars_take_the_differentiable_path() {
+    check_f32_var_path(
+        "LayerNorm f32",
+        21,
+        &[&[3, 4, 37]],
+        |vb| LayerNorm::new(37, vb.pp("ln_1")).expect("ln"),
+        |ln, x| ln.forward(&x[0]).expect("ln"),
+    );
+    check_f32_var_path(
+        "quick_gelu f32",
+        22,
+        &[&[5, 33]],
+        |_| (),
+        |_, x| quick_gelu(&(&x[0] * 3.0).expect("scale")).expect("gelu"),
+    );
+    let causal = clip4str::nn::causal_mask(7, &Device::Cpu).expect("mask");
+    check_f32_var_path(
+        "ResidualAttentionBlock f32",
+        23,
+        &[&[2, 7, 16]],
+        |vb| ResidualAttentionBlock::new(16, 2, vb).expect("block"),
+        |block, x| {
+            let mask = causal.to_dtype(x[0].dtype()).expect("mask");
+            block.forward(&x[0], Some(&mask)).expect("block")
+        },
     );
 }
