@@ -228,3 +228,60 @@ fn per_sample_stop_gives_batch_independent_results() {
         assert_eq!(text, want);
     }
 }
+
+/// Without `--checkpoint` the model compiled into the binary is used: the README's first command.
+#[test]
+fn bundled_model_reads_the_examples_offline() {
+    let examples = root().join("examples");
+    let labels = std::fs::read_to_string(examples.join("labels.tsv")).expect("labels.tsv");
+    let expected: Vec<&str> = labels
+        .lines()
+        .map(|l| l.split('\t').next().unwrap())
+        .collect();
+    assert_eq!(expected.len(), 10);
+    let out = clip4str(&["read", examples.join("images").to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = parse_lines(&out.stdout);
+    let printed: Vec<String> = lines
+        .iter()
+        .map(|(p, _, _)| {
+            let p = Path::new(p);
+            format!("images/{}", p.file_name().unwrap().to_str().unwrap())
+        })
+        .collect();
+    assert_eq!(printed, expected);
+    for (_, text, conf) in &lines {
+        assert!((0.0..=1.0).contains(conf), "confidence {conf}");
+        assert!(text.chars().count() <= 25 && text.chars().all(|c| c.is_ascii_graphic()));
+    }
+    // The bundled file records the normalisation it was trained with; `eval` on the same folder agrees with
+    // `read` (same model, same preprocessing).
+    let eval = clip4str(&[
+        "eval",
+        "--cased",
+        "--punctuation",
+        "--batch-size",
+        "1",
+        "--format",
+        "json",
+        "--data",
+        examples.to_str().unwrap(),
+    ]);
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&eval.stdout).expect("json");
+    let correct = lines
+        .iter()
+        .zip(labels.lines())
+        .filter(|((_, text, _), l)| l.split('\t').nth(1) == Some(text.as_str()))
+        .count();
+    let acc = doc["combined"]["accuracy"].as_f64().expect("accuracy");
+    assert!((acc - 100.0 * correct as f64 / 10.0).abs() < 1e-9, "{doc}");
+}
