@@ -154,8 +154,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         Steps::Seven => Some(7),
         Steps::Auto => None,
     };
+    // The recognizer clamps the length to the model's max_label_length.
     let opts = RecognizerOptions {
         batch_size: args.batch_size,
+        max_length,
         ..RecognizerOptions::default()
     };
     let (recognizer, model_name) = match &args.preset {
@@ -173,14 +175,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let cfg = recognizer.config().clone();
-    let max_length = max_length.map(|l| l.min(cfg.max_label_length));
-    let model = recognizer.model();
-    let adapter = clip4str::charset::CharsetAdapter::new(&cfg.charset_test);
-    let forward = clip4str::model::ForwardOptions {
-        max_length,
-        refine_iters: 1,
-        per_sample_stop: false,
-    };
     let png = sample_png()?;
 
     let one_run = || -> anyhow::Result<Run> {
@@ -191,7 +185,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             .collect::<Result<_, _>>()?;
         let batch = recognizer.batch_tensor(&inputs)?;
         let preprocess = start.elapsed();
-        let trace = model.forward_trace(&batch, &adapter, &forward)?;
+        let trace = recognizer.trace(&batch)?;
         let post = Instant::now();
         let preds = recognizer.decode(&trace.final_logits)?;
         debug_assert_eq!(preds.len(), args.batch_size);
