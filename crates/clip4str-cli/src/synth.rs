@@ -68,6 +68,9 @@ pub struct SynthArgs {
     /// Natural crop height range in pixels, MIN-MAX.
     #[arg(long, value_parser = parse_range, default_value = "32-64")]
     pub height: [u32; 2],
+    /// Longest label in characters (1-25); shorter words make an easier set for the start of training.
+    #[arg(long, default_value_t = MAX_LABEL_LENGTH, value_parser = parse_max_length)]
+    pub max_length: usize,
     /// Fonts to draw from: all, or one side of the held-out font split.
     #[arg(long, value_enum, default_value_t = SplitArg::All)]
     pub font_split: SplitArg,
@@ -89,6 +92,15 @@ fn parse_size(text: &str) -> Result<[u32; 2], String> {
             .map_err(|_| format!("{v:?} in {text:?} is not a pixel count"))
     };
     Ok([parse(h)?, parse(w)?])
+}
+
+fn parse_max_length(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_LABEL_LENGTH).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{text:?} is not a label length from 1 to {MAX_LABEL_LENGTH}"
+        )),
+    }
 }
 
 fn parse_range(text: &str) -> Result<[u32; 2], String> {
@@ -150,7 +162,7 @@ pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
     }
     let word_file = args.words.clone().or_else(|| default_word_files().pop());
     let words = match &word_file {
-        Some(path) => load_words(path, MAX_LABEL_LENGTH)
+        Some(path) => load_words(path, args.max_length)
             .with_context(|| format!("reading word list {}", path.display()))?,
         None => Vec::new(),
     };
@@ -165,7 +177,7 @@ pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
         words,
         size: args.size,
         height: args.height,
-        max_label_length: MAX_LABEL_LENGTH,
+        max_label_length: args.max_length,
     };
     let synth = Synthesizer::new(cfg).context("setting up the synthesizer")?;
     for skipped in &synth.font_report().skipped {

@@ -5,7 +5,8 @@ use std::sync::atomic::AtomicBool;
 
 use clip4str::data::LmdbWriter;
 use clip4str::recognizer::{Recognizer, RecognizerOptions};
-use clip4str::train::{StepMetrics, TrainConfig, TrainObserver, Trainer};
+use clip4str::train::init::{sincos_positional, VISUAL_POSITIONAL};
+use clip4str::train::{InitSpec, PositionalInit, StepMetrics, TrainConfig, TrainObserver, Trainer};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -128,5 +129,54 @@ fn short_run_saves_loads_and_resumes() {
         .map(|l| serde_json::from_str::<StepMetrics>(l).unwrap().step)
         .collect();
     assert_eq!(steps, vec![1, 2, 3, 4]);
+    std::fs::remove_dir_all(&root).ok();
+}
+
+#[test]
+fn sincos_positional_init_starts_from_the_table() {
+    let root = std::env::temp_dir().join(format!("clip4str-sincos-{}", std::process::id()));
+    std::fs::remove_dir_all(&root).ok();
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    make_lmdb(&data);
+    let text = CONFIG
+        .replace("TRAIN", data.to_str().unwrap())
+        .replace("VAL", data.to_str().unwrap())
+        .replace("OUT", root.join("out").to_str().unwrap())
+        .replace(
+            "[data]",
+            "[init]\nsource = \"scratch\"\npositional = \"sincos\"\n\n[data]",
+        );
+    let cfg = TrainConfig::from_toml(&text).unwrap();
+    assert_eq!(
+        cfg.init,
+        InitSpec::Scratch {
+            positional: PositionalInit::Sincos
+        }
+    );
+    let t = Trainer::new(cfg).unwrap();
+    let table = sincos_positional(&t.model_config().vision).unwrap();
+    let start = t.params().get(VISUAL_POSITIONAL).unwrap();
+    let diff = (start - &table)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0);
+    // The default stays the reference's random draw.
+    let plain = TrainConfig::from_toml(
+        &CONFIG
+            .replace("TRAIN", data.to_str().unwrap())
+            .replace("VAL", data.to_str().unwrap())
+            .replace("OUT", root.join("out2").to_str().unwrap()),
+    )
+    .unwrap();
+    assert_eq!(plain.init, InitSpec::default());
+    let t = Trainer::new(plain).unwrap();
+    let start = t.params().get(VISUAL_POSITIONAL).unwrap();
+    assert!(start.to_vec2::<f32>().unwrap()[0].iter().any(|&v| v != 0.0));
     std::fs::remove_dir_all(&root).ok();
 }

@@ -19,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use crate::checkpoint::{check_tensors, read_checkpoint, LoadError, RawCheckpoint};
-use crate::config::Clip4StrConfig;
+use crate::config::{Clip4StrConfig, VisionConfig};
 use crate::model::Clip4Str;
 
 /// State-dict prefix of the CLIP backbone inside CLIP4STR.
@@ -539,10 +539,53 @@ fn sample(p: &TensorPlan, seed: u64) -> candle_core::Result<Tensor> {
     Tensor::from_vec(values, shape, device)
 }
 
+/// Name of the image encoder's positional embedding in the state dict.
+pub const VISUAL_POSITIONAL: &str = "clip_model.visual.positional_embedding";
+
+/// A fixed 2-D sine-cosine table for the image encoder's positional embedding `[1 + rows*cols, width]`
+/// (MAE's layout: the first half of the channels encodes the row, the second half the column; the class
+/// token's row is zero).
+///
+/// Not what the reference does (it draws `width^-0.5 * randn`): an option for training from scratch,
+/// where random positions leave the decoders' position queries nothing to align with at first and the
+/// model sits longer on the language-model plateau. The table stays trainable.
+pub fn sincos_positional(vision: &VisionConfig) -> Result<Tensor, InitError> {
+    let width = vision.width;
+    if width % 4 != 0 {
+        return Err(InitError::Config(format!(
+            "a sine-cosine positional table needs a vision width divisible by 4, not {width}"
+        )));
+    }
+    let [rows, cols] = vision.grid();
+    let quarter = width / 4;
+    let omega: Vec<f64> = (0..quarter)
+        .map(|i| 1.0 / 10000f64.powf(i as f64 / quarter as f64))
+        .collect();
+    let mut table = vec![0f32; (1 + rows * cols) * width];
+    for r in 0..rows {
+        for c in 0..cols {
+            let row = &mut table[(1 + r * cols + c) * width..][..width];
+            for (half, pos) in [(0, r), (1, c)] {
+                let base = half * width / 2;
+                for (i, w) in omega.iter().enumerate() {
+                    let angle = pos as f64 * w;
+                    row[base + i] = angle.sin() as f32;
+                    row[base + quarter + i] = angle.cos() as f32;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(
+        table,
+        (1 + rows * cols, width),
+        &Device::Cpu,
+    )?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{DecoderConfig, TextConfig, VisionConfig};
+    use crate::config::{DecoderConfig, TextConfig};
 
     /// ViT-B/16 proportions (patch 16, 64-wide heads, 4x MLP, 77 text rows, full vocabulary) at a
     /// size a unit test can generate.
@@ -700,6 +743,38 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn sincos_table_encodes_row_and_column() {
+        let vision = VisionConfig {
+            width: 16,
+            layers: 1,
+            heads: 1,
+            patch_size: [4, 8],
+            image_size: [8, 32],
+        };
+        let table = sincos_positional(&vision).unwrap();
+        assert_eq!(table.dims(), &[1 + 2 * 4, 16]);
+        let rows: Vec<Vec<f32>> = table.to_vec2().unwrap();
+        assert!(rows[0].iter().all(|&v| v == 0.0), "class token row is zero");
+        // Token (r=1, c=2) is row 1 + 1*4 + 2: channel 0 is sin(r), channel 4 cos(r), 8 sin(c), 12 cos(c).
+        let t = &rows[1 + 4 + 2];
+        assert!((t[0] - 1f32.sin()).abs() < 1e-6);
+        assert!((t[4] - 1f32.cos()).abs() < 1e-6);
+        assert!((t[8] - 2f32.sin()).abs() < 1e-6);
+        assert!((t[12] - 2f32.cos()).abs() < 1e-6);
+        // Every patch gets a distinct code.
+        for a in 1..rows.len() {
+            for b in a + 1..rows.len() {
+                assert_ne!(rows[a], rows[b], "tokens {a} and {b} share a code");
+            }
+        }
+        let odd = VisionConfig {
+            width: 18,
+            ..vision
+        };
+        assert!(matches!(sincos_positional(&odd), Err(InitError::Config(_))));
     }
 
     #[test]

@@ -25,8 +25,8 @@ pub use params::{is_trainable, trainable_names, ParamStore};
 pub use perms::{gen_tgt_perms, generate_attn_masks};
 pub use schedule::OneCycleLr;
 pub use trainer::{
-    DataSpec, InitSpec, ModelSpec, OptimSpec, RunSpec, StepMetrics, TrainConfig, TrainObserver,
-    Trainer,
+    DataSpec, InitSpec, ModelSpec, OptimSpec, PositionalInit, RunSpec, StepMetrics, TrainConfig,
+    TrainObserver, Trainer,
 };
 
 use crate::charset::CharsetError;

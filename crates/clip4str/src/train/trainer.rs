@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use super::init::{initial_weights, InitSource};
+use super::init::{initial_weights, sincos_positional, InitSource, VISUAL_POSITIONAL};
 use super::{
     clip_grad_norm, gen_tgt_perms, training_loss, AdamW, LossOptions, OneCycleLr, OptimizerConfig,
     ParamStore, TrainError,
@@ -110,12 +110,15 @@ impl ModelSpec {
 }
 
 /// Where the starting weights come from.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "source", rename_all = "lowercase", deny_unknown_fields)]
 pub enum InitSpec {
     /// Reference random initialisation.
-    #[default]
-    Scratch,
+    Scratch {
+        /// The image encoder's positional embedding at the start.
+        #[serde(default)]
+        positional: PositionalInit,
+    },
     /// Fine-tune a CLIP4STR checkpoint (its dims win over `[model]`).
     Clip4str {
         /// Checkpoint file.
@@ -126,6 +129,25 @@ pub enum InitSpec {
         /// CLIP file.
         path: PathBuf,
     },
+}
+
+impl Default for InitSpec {
+    fn default() -> Self {
+        Self::Scratch {
+            positional: PositionalInit::default(),
+        }
+    }
+}
+
+/// How a from-scratch run starts the image encoder's positional embedding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PositionalInit {
+    /// The reference's `width^-0.5 * randn`.
+    #[default]
+    Random,
+    /// A 2-D sine-cosine table ([`sincos_positional`]): positions are distinguishable from step 0.
+    Sincos,
 }
 
 /// Datasets.
@@ -356,9 +378,17 @@ impl Trainer {
                 };
                 (mc.clone(), initial_weights(&src, &mc)?)
             }
-            InitSpec::Scratch => {
+            InitSpec::Scratch { positional } => {
                 let mc = cfg.model.resolve()?;
-                let w = initial_weights(&InitSource::Scratch { seed: cfg.run.seed }, &mc)?;
+                let mut w = initial_weights(&InitSource::Scratch { seed: cfg.run.seed }, &mc)?;
+                if *positional == PositionalInit::Sincos {
+                    let table = sincos_positional(&mc.vision)?;
+                    for (name, tensor) in &mut w {
+                        if name == VISUAL_POSITIONAL {
+                            *tensor = table.clone();
+                        }
+                    }
+                }
                 (mc, w)
             }
         };
@@ -501,6 +531,11 @@ impl Trainer {
     /// The model being trained (weights update in place).
     pub fn model(&self) -> &Clip4Str {
         &self.model
+    }
+
+    /// The weights being trained, by state-dict name.
+    pub fn params(&self) -> &ParamStore {
+        &self.store
     }
 
     /// The model configuration.
