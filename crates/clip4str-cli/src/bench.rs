@@ -239,7 +239,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         Steps::Seven => "7",
         Steps::Auto => "auto",
     };
-    let build = "pure Rust (candle gemm)";
+    let build = clip4str::GEMM_BACKEND;
 
     match args.format {
         BenchFormat::Json => {

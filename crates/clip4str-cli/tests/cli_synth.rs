@@ -179,5 +179,45 @@ fn bad_arguments_are_errors() {
     assert_eq!(output.status.code(), Some(2));
     let output = clip4str(&["synth", "--count", "5"]);
     assert_eq!(output.status.code(), Some(2));
+    for bad in ["0", "26", "six"] {
+        let output = clip4str(&["synth", "--out", &out, "--count", "5", "--max-length", bad]);
+        assert_eq!(output.status.code(), Some(2), "--max-length {bad}");
+        assert!(
+            stderr(&output).contains("is not a label length from 1 to 25"),
+            "{}",
+            stderr(&output)
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn max_length_bounds_every_label() {
+    let dir = temp_dir("short");
+    let fonts = fonts();
+    let out = dir.join("short").display().to_string();
+    let output = clip4str(&[
+        "synth",
+        "--out",
+        &out,
+        "--count",
+        "40",
+        "--fonts",
+        &fonts,
+        "--max-length",
+        "3",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let labels: Vec<String> = records(&dir.join("short"))
+        .into_iter()
+        .map(|(label, _)| label)
+        .collect();
+    assert_eq!(labels.len(), 40);
+    assert!(
+        labels.iter().all(|l| (1..=3).contains(&l.chars().count())),
+        "{labels:?}"
+    );
+    // Not one fixed length: the generator still spreads lengths below the bound.
+    assert!(labels.iter().any(|l| l.chars().count() < 3), "{labels:?}");
     std::fs::remove_dir_all(&dir).ok();
 }

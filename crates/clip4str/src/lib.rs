@@ -5,6 +5,17 @@
 //! ([`clip::text`]) and a cross-modal decoder over `[image tokens ; text tokens]` ([`model`]).
 //! It does no network access and prints nothing.
 
+// The MKL build links the library through this crate; nothing else refers to it.
+#[cfg(feature = "mkl")]
+extern crate intel_mkl_src;
+
+/// How this build multiplies matrices, for benchmark reports ("whichever build, state it").
+pub const GEMM_BACKEND: &str = if cfg!(feature = "mkl") {
+    "candle + Intel MKL"
+} else {
+    "pure Rust (candle gemm)"
+};
+
 pub mod charset;
 pub mod checkpoint;
 pub mod clip;

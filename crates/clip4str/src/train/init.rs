@@ -551,7 +551,7 @@ pub const VISUAL_POSITIONAL: &str = "clip_model.visual.positional_embedding";
 /// model sits longer on the language-model plateau. The table stays trainable.
 pub fn sincos_positional(vision: &VisionConfig) -> Result<Tensor, InitError> {
     let width = vision.width;
-    if width % 4 != 0 {
+    if !width.is_multiple_of(4) {
         return Err(InitError::Config(format!(
             "a sine-cosine positional table needs a vision width divisible by 4, not {width}"
         )));
