@@ -4,8 +4,11 @@ mod bench;
 mod convert;
 mod data;
 mod eval;
+mod hub;
 mod model_source;
+mod models;
 mod read;
+mod registry;
 mod synth;
 mod train;
 
@@ -41,6 +44,8 @@ enum Command {
     /// Build an LMDB from images and a label file, or summarise a dataset (counts, label lengths, charset,
     /// contact sheet).
     Data(data::DataArgs),
+    /// List the model names `--model` accepts, or download a released checkpoint into the Hugging Face cache.
+    Models(models::ModelsArgs),
 }
 
 fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
@@ -68,6 +73,7 @@ fn main() -> ExitCode {
         Command::Convert(args) => convert::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Data(args) => data::run(args),
+        Command::Models(args) => models::run(args),
     });
     match result {
         Ok(code) => code,
