@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::io::Cursor;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -18,7 +17,7 @@ use clip4str::train::init::init_weights;
 use image::{ImageFormat, Rgb, RgbImage};
 use rayon::prelude::*;
 
-use crate::model_source::{load_recognizer, BUNDLED_NAME};
+use crate::model_source::{load_recognizer, ModelArgs};
 
 /// How many decoding steps to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -51,14 +50,11 @@ pub enum Precision {
 /// Arguments of `clip4str bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Checkpoint to time (default: the bundled model unless --preset is given).
-    #[arg(long, conflicts_with = "preset")]
-    pub checkpoint: Option<PathBuf>,
-    /// JSON with dimensions and head counts for files that carry none.
-    #[arg(long, requires = "checkpoint")]
-    pub config: Option<PathBuf>,
+    /// Weights to time (default: the bundled model unless --preset is given).
+    #[command(flatten)]
+    pub weights: ModelArgs,
     /// Random weights with the exact shapes of a preset: b16, b32, l14, h14, tiny, small.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["checkpoint", "config", "model"])]
     pub preset: Option<String>,
     /// Images per forward.
     #[arg(long, default_value_t = 1)]
@@ -166,12 +162,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             (Recognizer::from_model(model, opts)?, name)
         }
         None => {
-            let rec = load_recognizer(args.checkpoint.as_deref(), args.config.as_deref(), opts)?;
-            let name = args
-                .checkpoint
-                .as_ref()
-                .map_or_else(|| BUNDLED_NAME.to_string(), |p| p.display().to_string());
-            (rec, name)
+            let rec = load_recognizer(&args.weights, opts)?;
+            (rec, args.weights.label())
         }
     };
     let cfg = recognizer.config().clone();

@@ -19,7 +19,7 @@ use clip4str::recognizer::{Recognizer, RecognizerOptions};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 
-use crate::model_source::load_recognizer;
+use crate::model_source::{load_recognizer, ModelArgs};
 
 /// Which named benchmark group to evaluate when a root holds them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -44,12 +44,8 @@ pub enum Format {
 /// Arguments of `clip4str eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Checkpoint: Lightning `.ckpt`, flat `.pt` state dict, or safetensors (default: the bundled model).
-    #[arg(long)]
-    pub checkpoint: Option<PathBuf>,
-    /// JSON with dimensions and head counts for files that carry none (layout of tiny_config.json).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub weights: ModelArgs,
     /// Dataset folders (LMDB `data.mdb` or `labels.tsv`) or roots holding them (e.g. `root/test/<name>`).
     #[arg(long, required = true, num_args = 1..)]
     pub data: Vec<PathBuf>,
@@ -195,7 +191,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         per_sample_stop: args.per_sample_stop,
         ..Default::default()
     };
-    let rec = load_recognizer(args.checkpoint.as_deref(), args.config.as_deref(), opts)?;
+    let rec = load_recognizer(&args.weights, opts)?;
     let adapter = CharsetAdapter::new(&charset);
     let max_len = rec.config().max_label_length;
 

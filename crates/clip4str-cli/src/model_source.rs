@@ -1,13 +1,19 @@
-//! Where a command's weights come from: a checkpoint file, or the default model compiled into the binary
-//! (so that `clip4str read` works offline from a single file).
+//! Where a command's weights come from: a checkpoint file, a model name (the bundled model or a released
+//! checkpoint from the Hugging Face cache), or by default the model compiled into the binary (so that
+//! `clip4str read` works offline from a single file).
+//!
+//! Every command that runs a model flattens [`ModelArgs`] into its arguments and calls [`load_recognizer`].
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use clap::Args;
 use clip4str::checkpoint::read_checkpoint_bytes;
 use clip4str::recognizer::{Recognizer, RecognizerOptions};
 
+use crate::hub::{self, HubOptions};
 use crate::read::load_config;
+use crate::registry::{self, Source};
 
 /// How the bundled model is named in messages.
 pub const BUNDLED_NAME: &str = "bundled clip4str-small";
@@ -18,23 +24,77 @@ static BUNDLED: &[u8] = include_bytes!(concat!(
     "/../../models/default/clip4str-small.safetensors"
 ));
 
-/// Loads `checkpoint` (with an optional `--config` JSON), or the bundled model when none is given.
-pub fn load_recognizer(
-    checkpoint: Option<&Path>,
-    config: Option<&Path>,
-    opts: RecognizerOptions,
-) -> anyhow::Result<Recognizer> {
-    let config = load_config(config)?;
-    match checkpoint {
-        Some(path) => Recognizer::from_checkpoint(path, config.as_ref(), opts)
-            .with_context(|| format!("loading checkpoint {}", path.display())),
-        None => {
-            if config.is_some() {
-                anyhow::bail!("--config only applies together with --checkpoint");
-            }
-            let raw = read_checkpoint_bytes(Path::new(BUNDLED_NAME), BUNDLED)?;
-            Recognizer::from_raw(&raw, None, opts)
-                .with_context(|| format!("loading the {BUNDLED_NAME} model"))
+/// The weights a command runs: `--checkpoint FILE` or `--model NAME` (default: the bundled model).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ModelArgs {
+    /// Checkpoint: Lightning `.ckpt`, flat `.pt` state dict, or safetensors (default: the bundled model).
+    #[arg(long, conflicts_with = "model")]
+    pub checkpoint: Option<PathBuf>,
+    /// JSON with dimensions and head counts for files that carry none (layout of tiny_config.json).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// A model by name (`clip4str models list`): `small` is the bundled one; a released checkpoint is taken from
+    /// the Hugging Face cache, downloaded there first if missing.
+    #[arg(long, value_name = "NAME")]
+    pub model: Option<String>,
+    /// Never download: a named model must already be in the Hugging Face cache (also HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
+}
+
+impl ModelArgs {
+    /// How the weights are named in reports: the file, the model name, or the bundled model.
+    pub fn label(&self) -> String {
+        match (&self.checkpoint, &self.model) {
+            (Some(path), _) => path.display().to_string(),
+            (None, Some(name)) if name != registry::BUNDLED => name.clone(),
+            _ => BUNDLED_NAME.to_string(),
         }
     }
+
+    fn hub_options(&self) -> HubOptions {
+        HubOptions {
+            offline: self.offline,
+            endpoint: None,
+        }
+    }
+}
+
+/// Loads the weights `args` name; a named Hub model is fetched into the cache first unless `--offline`.
+pub fn load_recognizer(args: &ModelArgs, opts: RecognizerOptions) -> anyhow::Result<Recognizer> {
+    let config = load_config(args.config.as_deref())?;
+    if let Some(path) = &args.checkpoint {
+        return Recognizer::from_checkpoint(path, config.as_ref(), opts)
+            .with_context(|| format!("loading checkpoint {}", path.display()));
+    }
+    let Some(name) = &args.model else {
+        return load_bundled(config.is_some(), opts);
+    };
+    let entry = registry::find(name)?;
+    match &entry.source {
+        Source::Bundled => load_bundled(config.is_some(), opts),
+        Source::Hub(file) => {
+            let fetched = hub::fetch(file, entry.approx_bytes, &args.hub_options())
+                .with_context(|| format!("getting model {name:?}"))?;
+            let raw = hub::read_cached_checkpoint(&fetched.path)
+                .with_context(|| format!("loading model {name:?}"))?;
+            Recognizer::from_raw(&raw, config.as_ref(), opts).with_context(|| {
+                format!("loading model {name:?} from {}", fetched.path.display())
+            })
+        }
+        Source::Manual { url, .. } => anyhow::bail!(
+            "model {name:?} is not on the Hugging Face Hub; download it from {url} and pass --checkpoint FILE"
+        ),
+    }
+}
+
+fn load_bundled(has_config: bool, opts: RecognizerOptions) -> anyhow::Result<Recognizer> {
+    if has_config {
+        anyhow::bail!(
+            "--config only applies to a checkpoint file or a downloaded model, not the bundled one"
+        );
+    }
+    let raw = read_checkpoint_bytes(Path::new(BUNDLED_NAME), BUNDLED)?;
+    Recognizer::from_raw(&raw, None, opts)
+        .with_context(|| format!("loading the {BUNDLED_NAME} model"))
 }

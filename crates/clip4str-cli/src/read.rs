@@ -12,7 +12,7 @@ use clip4str::recognizer::{Prediction, RecognizerOptions};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 
-use crate::model_source::load_recognizer;
+use crate::model_source::{load_recognizer, ModelArgs};
 
 /// Output formats of `read`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -26,12 +26,8 @@ pub enum Format {
 /// Arguments of `clip4str read`.
 #[derive(Debug, Args)]
 pub struct ReadArgs {
-    /// Checkpoint: Lightning `.ckpt`, flat `.pt` state dict, or safetensors (default: the bundled model).
-    #[arg(long)]
-    pub checkpoint: Option<PathBuf>,
-    /// JSON with dimensions and head counts for files that carry none (layout of tiny_config.json).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub weights: ModelArgs,
     /// Keep upper case (test.py --cased): charset_test gains A-Z and the output is filtered by it.
     #[arg(long)]
     pub cased: bool,
@@ -148,7 +144,7 @@ pub fn run(args: ReadArgs) -> anyhow::Result<ExitCode> {
         per_sample_stop: args.per_sample_stop,
         ..Default::default()
     };
-    let recognizer = load_recognizer(args.checkpoint.as_deref(), args.config.as_deref(), opts)?;
+    let recognizer = load_recognizer(&args.weights, opts)?;
 
     let mut failures: Vec<(PathBuf, String)> = Vec::new();
     let paths = collect_inputs(&args.inputs, &mut failures);
