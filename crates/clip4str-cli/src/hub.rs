@@ -204,7 +204,8 @@ fn explain(err: ApiError, url: &str) -> anyhow::Error {
                 };
                 anyhow!("{url}: HTTP {code} {}{hint}", response.status_text())
             }
-            ureq::Error::Transport(transport) => anyhow!("cannot reach {url}: {transport}"),
+            // The transport error names the URL itself.
+            ureq::Error::Transport(transport) => anyhow!("cannot reach the Hub: {transport}"),
         },
         ApiError::MissingHeader(header) => anyhow!(
             "{url}: the answer lacks the `{header}` header; is the endpoint a Hugging Face Hub (or mirror)?"
