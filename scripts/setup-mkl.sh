@@ -3,7 +3,7 @@
 # network access, and unpacks them where the `mkl` cargo feature finds them through MKLROOT.
 #
 #   scripts/setup-mkl.sh [DIR]          # default DIR: ~/.cache/clip4str/mkl
-#   export MKLROOT=DIR KMP_BLOCKTIME=0
+#   eval "$(scripts/setup-mkl.sh [DIR])"   # sets MKLROOT and KMP_BLOCKTIME=0
 #   cargo build --release -p clip4str-cli --features mkl
 #
 # KMP_BLOCKTIME=0 stops MKL's OpenMP threads from spinning after each call, where they would fight candle's
@@ -13,7 +13,7 @@ dir="${1:-$HOME/.cache/clip4str/mkl}"
 mkdir -p "$dir/wheels"
 if ! ls "$dir"/wheels/mkl_static-*.whl >/dev/null 2>&1; then
     python3 -m pip download --no-deps --only-binary=:all: --platform manylinux1_x86_64 \
-        --python-version 3.11 -d "$dir/wheels" mkl-static mkl-include intel-openmp
+        --python-version 3.11 -d "$dir/wheels" mkl-static mkl-include intel-openmp >&2
 fi
 for wheel in "$dir"/wheels/*.whl; do
     python3 -m zipfile -e "$wheel" "$dir/root"
