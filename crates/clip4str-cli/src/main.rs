@@ -9,6 +9,7 @@ mod model_source;
 mod models;
 mod read;
 mod registry;
+mod serve;
 mod synth;
 mod train;
 
@@ -46,6 +47,8 @@ enum Command {
     Data(data::DataArgs),
     /// List the model names `--model` accepts, or download a released checkpoint into the Hugging Face cache.
     Models(models::ModelsArgs),
+    /// Serve recognition over HTTP (`POST /v1/read`) with dynamic batching, metrics and a demo web page.
+    Serve(serve::ServeArgs),
 }
 
 fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Data(args) => data::run(args),
         Command::Models(args) => models::run(args),
+        Command::Serve(args) => serve::run(args),
     });
     match result {
         Ok(code) => code,
