@@ -127,10 +127,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             timeout: Duration::from_millis(args.timeout_ms),
         },
         batcher: OnceLock::new(),
-        model_name: args.model.checkpoint.as_ref().map_or_else(
-            || BUNDLED_NAME.to_owned(),
-            |p| p.display().to_string(),
-        ),
+        model_name: args
+            .model
+            .checkpoint
+            .as_ref()
+            .map_or_else(|| BUNDLED_NAME.to_owned(), |p| p.display().to_string()),
         metrics: Arc::clone(&metrics),
         decode_permits: Arc::new(Semaphore::new(decoders)),
     });

@@ -165,7 +165,11 @@ async fn not_found(uri: Uri) -> ApiError {
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
-    let allowed = if uri.path() == "/v1/read" { "POST" } else { "GET" };
+    let allowed = if uri.path() == "/v1/read" {
+        "POST"
+    } else {
+        "GET"
+    };
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",

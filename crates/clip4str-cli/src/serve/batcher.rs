@@ -219,7 +219,8 @@ impl Batcher {
     pub fn close(&self) {
         self.shared.lock().closed = true;
         self.shared.wakeup.notify_all();
-        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(PoisonError::into_inner));
+        let workers =
+            std::mem::take(&mut *self.workers.lock().unwrap_or_else(PoisonError::into_inner));
         for worker in workers {
             if worker.join().is_err() {
                 tracing::error!("a model worker panicked");
@@ -246,11 +247,17 @@ impl Shared {
         loop {
             match queue.jobs.front() {
                 None if queue.closed => return None,
-                None => queue = self.wakeup.wait(queue).unwrap_or_else(PoisonError::into_inner),
+                None => {
+                    queue = self
+                        .wakeup
+                        .wait(queue)
+                        .unwrap_or_else(PoisonError::into_inner)
+                }
                 Some(oldest) => {
                     let deadline = oldest.enqueued + self.limits.max_wait;
                     let now = Instant::now();
-                    if queue.jobs.len() >= self.limits.max_batch || now >= deadline || queue.closed {
+                    if queue.jobs.len() >= self.limits.max_batch || now >= deadline || queue.closed
+                    {
                         break;
                     }
                     queue = self

@@ -151,7 +151,9 @@ impl Metrics {
     /// The Prometheus text exposition of every series.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        out.push_str("# HELP clip4str_http_requests_total HTTP requests answered, by endpoint and status.\n");
+        out.push_str(
+            "# HELP clip4str_http_requests_total HTTP requests answered, by endpoint and status.\n",
+        );
         out.push_str("# TYPE clip4str_http_requests_total counter\n");
         for ((endpoint, status), n) in self
             .requests
@@ -236,10 +238,17 @@ mod tests {
     fn requests_and_errors_are_labelled() {
         let m = Metrics::default();
         m.record_request("/v1/read", 200, Duration::from_millis(3), None);
-        m.record_request("/v1/read", 400, Duration::from_millis(1), Some("corrupt_image"));
+        m.record_request(
+            "/v1/read",
+            400,
+            Duration::from_millis(1),
+            Some("corrupt_image"),
+        );
         m.record_request("/healthz", 200, Duration::ZERO, None);
         let text = m.render();
-        assert!(text.contains("clip4str_http_requests_total{endpoint=\"/v1/read\",status=\"200\"} 1\n"));
+        assert!(
+            text.contains("clip4str_http_requests_total{endpoint=\"/v1/read\",status=\"200\"} 1\n")
+        );
         assert!(text.contains("clip4str_errors_total{kind=\"corrupt_image\"} 1\n"));
         assert!(text.contains("clip4str_read_duration_seconds_count 2\n"));
     }

@@ -33,6 +33,7 @@ pub struct OptionSet {
 impl OptionSet {
     /// Sets option `name` from a textual value (`true/false`, `1/0`, `yes/no`, `on/off`; empty means true).
     pub fn set_text(&mut self, name: &str, value: &str) -> Result<(), ApiError> {
+        Self::check_name(name)?;
         let parsed = match value.trim().to_ascii_lowercase().as_str() {
             "" | "true" | "1" | "yes" | "on" => true,
             "false" | "0" | "no" | "off" => false,
@@ -46,8 +47,19 @@ impl OptionSet {
         self.set(name, parsed)
     }
 
+    fn check_name(name: &str) -> Result<(), ApiError> {
+        match name {
+            "cased" | "punctuation" => Ok(()),
+            _ => Err(ApiError::bad_request(
+                "unknown_option",
+                format!("unknown option `{name}` (known: cased, punctuation)"),
+            )),
+        }
+    }
+
     /// Sets option `name` from a JSON value (a boolean, or a string as in [`Self::set_text`]).
     fn set_json(&mut self, name: &str, value: &serde_json::Value) -> Result<(), ApiError> {
+        Self::check_name(name)?;
         match value {
             serde_json::Value::Bool(b) => self.set(name, *b),
             serde_json::Value::String(s) => self.set_text(name, s),
@@ -178,8 +190,9 @@ const BASE64: GeneralPurpose = GeneralPurpose::new(
 );
 
 fn parse_json(body: &[u8], options: &mut OptionSet) -> Result<Vec<Upload>, ApiError> {
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request("bad_json", format!("the body is not valid JSON: {e}")))?;
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request("bad_json", format!("the body is not valid JSON: {e}"))
+    })?;
     let serde_json::Value::Object(fields) = value else {
         return Err(ApiError::bad_request(
             "bad_json",
@@ -216,7 +229,7 @@ fn parse_json(body: &[u8], options: &mut OptionSet) -> Result<Vec<Upload>, ApiEr
             };
             let serde_json::Value::String(text) = image else {
                 return Err(
-                    ApiError::bad_request("bad_json", "expected a base64 string").for_file(file)
+                    ApiError::bad_request("bad_json", "expected a base64 string").for_file(file),
                 );
             };
             let bytes = decode_base64(text).map_err(|e| {
@@ -257,7 +270,9 @@ async fn parse_multipart(
     let stream = futures_util::stream::iter([Ok::<Bytes, Infallible>(body)]);
     let mut multipart = multer::Multipart::new(stream, boundary);
     let mut uploads = Vec::new();
-    let bad = |e: multer::Error| ApiError::bad_request("bad_multipart", format!("bad multipart body: {e}"));
+    let bad = |e: multer::Error| {
+        ApiError::bad_request("bad_multipart", format!("bad multipart body: {e}"))
+    };
     while let Some(field) = multipart.next_field().await.map_err(bad)? {
         let name = field.name().map(str::to_owned);
         let file_name = field.file_name().map(str::to_owned);
