@@ -591,6 +591,24 @@ fn bad_input_gets_json_errors() {
         "conflicting_option",
     );
 
+    // An early refusal still reads the whole body, so the connection stays usable: a request pipelined
+    // behind it is answered.
+    let filler = vec![1u8; 150_000];
+    for target in ["/v1/read?cased=maybe", "/nowhere", "/healthz"] {
+        let mut pipelined = format!(
+            "POST {target} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n",
+            filler.len()
+        )
+        .into_bytes();
+        pipelined.extend_from_slice(&filler);
+        pipelined
+            .extend_from_slice(b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        let answer = raw_exchange(&server.addr, &pipelined);
+        assert!(answer.starts_with("HTTP/1.1 4"), "{target}: {answer}");
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 2, "{target}: {answer}");
+        assert!(answer.contains("{\"status\":\"ok\"}"), "{target}: {answer}");
+    }
+
     // Still alive and serving.
     assert_eq!(post(&url, None, &png).status, 200);
     assert_eq!(get(&server.url("/healthz")).status, 200);

@@ -153,7 +153,9 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-async fn not_found(uri: Uri) -> ApiError {
+async fn not_found(uri: Uri, body: Body) -> ApiError {
+    // Consume what the client sends so that it reads this answer rather than a reset (see `read_images`).
+    drain(body).await;
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
@@ -164,7 +166,8 @@ async fn not_found(uri: Uri) -> ApiError {
     )
 }
 
-async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+async fn method_not_allowed(method: Method, uri: Uri, body: Body) -> ApiError {
+    drain(body).await;
     let allowed = if uri.path() == "/v1/read" {
         "POST"
     } else {
@@ -209,6 +212,9 @@ async fn read_images(
     body: Body,
     started: Instant,
 ) -> Result<Response, ApiError> {
+    // The body is read before anything can be refused: answering while the client is still sending makes
+    // the connection unusable (the client sees a reset instead of our error, or loses its keep-alive).
+    let body = read_body(body, headers, app.limits.max_body_bytes).await?;
     let Some(batcher) = app.batcher.get().cloned() else {
         return Err(ApiError::unavailable(
             "not_ready",
@@ -225,7 +231,6 @@ async fn read_images(
         })?),
     };
     let kind = BodyKind::from_content_type(content_type)?;
-    let body = read_body(body, headers, app.limits.max_body_bytes).await?;
     let uploads = parse_body(kind, body, &mut options).await?;
     let options = options.finish();
     let received = started.elapsed();
