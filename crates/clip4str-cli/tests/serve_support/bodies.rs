@@ -1,5 +1,5 @@
 //! Request bodies for the `serve` tests and the load-test example (which includes this file by path): multipart
-//! forms, base64, and a PNG whose header lies about its size. Dependency-free on purpose.
+//! forms, base64, and a PNG whose header lies about its size.
 #![allow(dead_code)]
 
 /// One part of a multipart form: field name, optional file name, content.
@@ -39,26 +39,10 @@ pub fn multipart(parts: &[Part]) -> (String, Vec<u8>) {
     (format!("multipart/form-data; boundary={boundary}"), body)
 }
 
-/// Base64 (standard alphabet, padded) without a dependency.
+/// Standard padded base64 (what `{"images": [..]}` carries).
 pub fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(data)
 }
 
 fn crc32(data: &[u8]) -> u32 {

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub mod bodies;
+#[allow(unused_imports)]
 pub use bodies::*;
 
 /// The repository root.
