@@ -414,14 +414,13 @@ fn main() -> ExitCode {
         samples.len() as f64 / wall.as_secs_f64(),
         valid_images as f64 / wall.as_secs_f64()
     );
-    if let Ok(metrics) = agent
+    let metrics = agent
         .get(&format!("{}/metrics", args.base))
         .call()
-        .and_then(|r| r.into_string().map_err(Into::into))
-    {
-        if let Some(mean) = mean_batch(&metrics) {
-            println!("server: {mean:.2} images per model call on average (since it started)");
-        }
+        .ok()
+        .and_then(|r| r.into_string().ok());
+    if let Some(mean) = metrics.as_deref().and_then(mean_batch) {
+        println!("server: {mean:.2} images per model call on average (since it started)");
     }
     if let (Some(pid), Some(before), Some(after)) = (args.pid, rss_before, rss_after) {
         println!(

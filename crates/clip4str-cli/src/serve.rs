@@ -11,6 +11,7 @@ mod error;
 mod metrics;
 mod request;
 
+use std::future::IntoFuture;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,12 +22,15 @@ use anyhow::Context;
 use clap::Args;
 use clip4str::recognizer::RecognizerOptions;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, Notify, Semaphore};
 
 use crate::model_source::{load_recognizer, BUNDLED_NAME};
 use api::{AppState, RequestLimits};
 use batcher::{BatchLimits, Batcher};
 use metrics::Metrics;
+
+/// How long, beyond the request timeout, shutdown waits for open connections before closing them.
+const SHUTDOWN_SLACK: Duration = Duration::from_secs(5);
 
 /// Where the served weights come from (kept as its own group so it can become the model arguments shared with
 /// `read`, `eval` and `bench`).
@@ -140,6 +144,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     std::io::stdout().flush().context("writing to stdout")?;
     tracing::info!(%addr, "listening");
 
+    let timeout_ms = args.timeout_ms;
     let (load_failed, load_failure) = oneshot::channel::<anyhow::Error>();
     let loader_state = Arc::clone(&state);
     let limits = BatchLimits {
@@ -163,8 +168,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
     // A failed model load ends the server like a signal does, and becomes its error.
     let load_error = Arc::new(Mutex::new(None));
+    let shutdown_started = Arc::new(Notify::new());
     let shutdown = {
         let load_error = Arc::clone(&load_error);
+        let shutdown_started = Arc::clone(&shutdown_started);
         async move {
             tokio::select! {
                 () = termination() => {
@@ -174,12 +181,27 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                     *load_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(error);
                 }
             }
+            shutdown_started.notify_one();
         }
     };
-    axum::serve(listener, api::router(Arc::clone(&state)))
+    let server = axum::serve(listener, api::router(Arc::clone(&state)))
         .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving HTTP")?;
+        .into_future();
+    // In-flight reads end within their timeout; a connection that stays open longer (a client that stalls
+    // mid-request) must not keep the process alive forever.
+    let grace = Duration::from_millis(timeout_ms) + SHUTDOWN_SLACK;
+    tokio::select! {
+        served = server => served.context("serving HTTP")?,
+        () = async {
+            shutdown_started.notified().await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(
+                "connections still open {:.1} s after the shutdown signal; closing them",
+                grace.as_secs_f64()
+            );
+        }
+    }
 
     if let Some(batcher) = state.batcher.get().cloned() {
         tokio::task::spawn_blocking(move || batcher.close())

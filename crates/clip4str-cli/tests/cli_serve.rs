@@ -754,6 +754,33 @@ fn sigterm_finishes_in_flight_requests() {
     assert!(log.contains("shutting down"), "{log}");
 }
 
+/// A client that stalls mid-request cannot hold up shutdown for longer than the request timeout plus a few
+/// seconds.
+#[test]
+fn shutdown_does_not_wait_forever_for_a_stalled_client() {
+    let mut server = Server::start(&["--timeout-ms", "200"]);
+    let mut stalled = std::net::TcpStream::connect(&server.addr).expect("connect");
+    std::io::Write::write_all(&mut stalled, b"GET /healthz HTTP/1.1\r\nHo")
+        .expect("send half a request");
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    server.terminate();
+    let status = server
+        .wait_exit(Duration::from_secs(20))
+        .expect("the server did not exit");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        server.stderr().contains("connections still open"),
+        "{}",
+        server.stderr()
+    );
+}
+
 /// A bad model or bad flag stops the server at startup with a clear error, not later.
 #[test]
 fn bad_startup_is_an_error() {
