@@ -357,7 +357,14 @@ async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Bytes,
         .and_then(|v| v.parse::<u64>().ok());
     let mut body = body;
     if declared.is_some_and(|n| n > max as u64) {
-        drain(body).await;
+        // A client that asked `Expect: 100-continue` waits for our verdict before sending: it gets the 413
+        // at once and sends nothing. Any other client is already sending, so we read on (see `drain`).
+        let waits = headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if !waits {
+            drain(body).await;
+        }
         return Err(too_large());
     }
     let mut data = Vec::with_capacity(declared.map_or(0, |n| n as usize));
