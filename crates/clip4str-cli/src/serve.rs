@@ -13,7 +13,6 @@ mod request;
 
 use std::future::IntoFuture;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
@@ -24,25 +23,13 @@ use clip4str::recognizer::RecognizerOptions;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Notify, Semaphore};
 
-use crate::model_source::{load_recognizer, BUNDLED_NAME};
+use crate::model_source::{load_recognizer, ModelArgs};
 use api::{AppState, RequestLimits};
 use batcher::{BatchLimits, Batcher};
 use metrics::Metrics;
 
 /// How long, beyond the request timeout, shutdown waits for open connections before closing them.
 const SHUTDOWN_SLACK: Duration = Duration::from_secs(5);
-
-/// Where the served weights come from (kept as its own group so it can become the model arguments shared with
-/// `read`, `eval` and `bench`).
-#[derive(Debug, Args)]
-pub struct ModelArgs {
-    /// Checkpoint: Lightning `.ckpt`, flat `.pt` state dict, or safetensors (default: the bundled model).
-    #[arg(long)]
-    pub checkpoint: Option<PathBuf>,
-    /// JSON with dimensions and head counts for files that carry none (layout of tiny_config.json).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-}
 
 /// Arguments of `clip4str serve` (the global `--threads` sets the model's thread count).
 #[derive(Debug, Args)]
@@ -131,11 +118,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             timeout: Duration::from_millis(args.timeout_ms),
         },
         batcher: OnceLock::new(),
-        model_name: args
-            .model
-            .checkpoint
-            .as_ref()
-            .map_or_else(|| BUNDLED_NAME.to_owned(), |p| p.display().to_string()),
+        model_name: args.model.label(),
         metrics: Arc::clone(&metrics),
         decode_permits: Arc::new(Semaphore::new(decoders)),
     });
@@ -226,8 +209,7 @@ fn load_batcher(
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Batcher> {
     let recognizer = load_recognizer(
-        model.checkpoint.as_deref(),
-        model.config.as_deref(),
+        model,
         RecognizerOptions {
             batch_size: limits.max_batch,
             per_sample_stop: true,
