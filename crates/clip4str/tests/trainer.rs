@@ -180,3 +180,28 @@ fn sincos_positional_init_starts_from_the_table() {
     assert!(start.to_vec2::<f32>().unwrap()[0].iter().any(|&v| v != 0.0));
     std::fs::remove_dir_all(&root).ok();
 }
+
+#[test]
+fn shipped_training_configs_parse() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/default");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let cfg =
+                TrainConfig::from_toml(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            if matches!(cfg.init, InitSpec::Scratch { .. }) {
+                cfg.model
+                    .resolve()
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            }
+            seen += 1;
+        }
+    }
+    assert!(
+        seen >= 3,
+        "expected the default model's configs in {}",
+        dir.display()
+    );
+}
