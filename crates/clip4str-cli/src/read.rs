@@ -131,18 +131,26 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Option<serde_json::Val
     Ok(Some(json))
 }
 
+/// What `--cased` / `--punctuation` mean to the recognizer: test.py's charset for the captions, and the printed
+/// text filtered by it; neither prints the raw prediction like `read.py`. `serve` uses the same rule.
+pub fn case_options(cased: bool, punctuation: bool) -> RecognizerOptions {
+    let filter = cased || punctuation;
+    RecognizerOptions {
+        charset_test: filter.then(|| charset_test(cased, punctuation)),
+        filter_output: filter,
+        ..Default::default()
+    }
+}
+
 /// Runs `read`; exit code 1 when some image could not be read.
 pub fn run(args: ReadArgs) -> anyhow::Result<ExitCode> {
     if args.batch_size == 0 {
         anyhow::bail!("--batch-size must be at least 1");
     }
-    let filter = args.cased || args.punctuation;
     let opts = RecognizerOptions {
-        charset_test: filter.then(|| charset_test(args.cased, args.punctuation)),
-        filter_output: filter,
         batch_size: args.batch_size,
         per_sample_stop: args.per_sample_stop,
-        ..Default::default()
+        ..case_options(args.cased, args.punctuation)
     };
     let recognizer = load_recognizer(&args.weights, opts)?;
 

@@ -12,7 +12,6 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use clip4str::charset::charset_test;
 use clip4str::recognizer::{Prediction, Recognizer, RecognizerOptions};
 use image::RgbImage;
 use tokio::sync::oneshot;
@@ -48,14 +47,11 @@ impl ReadOptions {
 
     /// The recognizer options `clip4str read` builds for these flags, plus batch-independent decoding.
     fn recognizer_options(self, base: &Recognizer, max_batch: usize) -> RecognizerOptions {
-        let filter = self.cased || self.punctuation;
         RecognizerOptions {
-            charset_test: filter.then(|| charset_test(self.cased, self.punctuation)),
-            filter_output: filter,
             batch_size: max_batch,
             per_sample_stop: true,
             normalization: Some(base.normalization()),
-            ..Default::default()
+            ..crate::read::case_options(self.cased, self.punctuation)
         }
     }
 }
