@@ -40,13 +40,6 @@ pub enum BenchFormat {
     Json,
 }
 
-/// Numeric precision of the forward pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Precision {
-    /// 32-bit floats everywhere (the parity-tested path).
-    F32,
-}
-
 /// Arguments of `clip4str bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -68,9 +61,6 @@ pub struct BenchArgs {
     /// Untimed warm-up runs.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
-    /// Numeric precision.
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
-    pub precision: Precision,
     /// Output format.
     #[arg(long, value_enum, default_value_t = BenchFormat::Text)]
     pub format: BenchFormat,
@@ -159,7 +149,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let (recognizer, model_name) = match &args.preset {
         Some(preset) => {
             let (model, name) = random_model(preset)?;
-            (Recognizer::from_model(model, opts)?, name)
+            (
+                Recognizer::from_model(model, args.weights.precision.apply(opts))?,
+                name,
+            )
         }
         None => {
             let rec = load_recognizer(&args.weights, opts)?;
@@ -249,7 +242,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 "image_size": cfg.vision.image_size,
                 "batch_size": args.batch_size,
                 "steps": steps_name,
-                "precision": "f32",
+                "precision": args.weights.precision.name(),
                 "threads": threads,
                 "build": build,
                 "cpu": cpu_name(),
@@ -263,8 +256,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
         BenchFormat::Text => {
             println!(
-                "model {model_name}, input {}x{}, batch {}, steps {steps_name}, f32, {threads} threads, {build}",
-                cfg.vision.image_size[0], cfg.vision.image_size[1], args.batch_size
+                "model {model_name}, input {}x{}, batch {}, steps {steps_name}, {}, {threads} threads, {build}",
+                cfg.vision.image_size[0], cfg.vision.image_size[1], args.batch_size, args.weights.precision.name()
             );
             println!(
                 "cpu {}; {} timed runs after {} warm-up",

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 use clip4str::checkpoint::read_checkpoint_bytes;
-use clip4str::recognizer::{Recognizer, RecognizerOptions};
+use clip4str::recognizer::{Precision as LibPrecision, Recognizer, RecognizerOptions};
 
 use crate::hub::{self, HubOptions};
 use crate::read::load_config;
@@ -40,6 +40,47 @@ pub struct ModelArgs {
     /// Never download: a named model must already be in the Hugging Face cache (also HF_HUB_OFFLINE=1).
     #[arg(long)]
     pub offline: bool,
+    /// Arithmetic of the linear layers: f32 (parity-tested) or bf16 (bf16 weights and activations, f32
+    /// accumulation; fast with AVX512-BF16, emulated and slow elsewhere).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
+}
+
+/// `--precision` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Precision {
+    /// 32-bit floats everywhere.
+    #[default]
+    F32,
+    /// bf16 linear layers with f32 accumulation.
+    Bf16,
+}
+
+impl Precision {
+    /// The library's setting; warns once on stderr when bf16 has to be emulated.
+    pub fn apply(self, opts: RecognizerOptions) -> RecognizerOptions {
+        let precision = match self {
+            Self::F32 => LibPrecision::F32,
+            Self::Bf16 => {
+                if !clip4str::nn::bf16::native_supported() {
+                    eprintln!(
+                        "warning: this CPU lacks AVX512-BF16; --precision bf16 runs an emulation that is \
+                         slower than f32"
+                    );
+                }
+                LibPrecision::Bf16
+            }
+        };
+        RecognizerOptions { precision, ..opts }
+    }
+
+    /// The name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
 }
 
 impl ModelArgs {
@@ -62,6 +103,7 @@ impl ModelArgs {
 
 /// Loads the weights `args` name; a named Hub model is fetched into the cache first unless `--offline`.
 pub fn load_recognizer(args: &ModelArgs, opts: RecognizerOptions) -> anyhow::Result<Recognizer> {
+    let opts = args.precision.apply(opts);
     let config = load_config(args.config.as_deref())?;
     if let Some(path) = &args.checkpoint {
         return Recognizer::from_checkpoint(path, config.as_ref(), opts)

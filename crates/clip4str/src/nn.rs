@@ -4,7 +4,10 @@
 //! `softmax_last_dim` drop gradients silently, and the same modules serve training. Inference (inputs that
 //! track no gradient) takes the kernels of [`fused`] instead, which refuse anything that does.
 
+pub mod bf16;
 pub mod fused;
+
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -62,25 +65,48 @@ impl Module for LayerNorm {
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// The weight packed for [`bf16`] mode, made on first use and shared by clones; `None` when it cannot
+    /// be (trainable weights, whose values change).
+    packed: Arc<OnceLock<Option<bf16::PackedLinear>>>,
 }
 
 impl Linear {
     /// Loads `weight [out, in]` and `bias [out]`.
     pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get((out_dim, in_dim), "weight")?,
-            bias: Some(vb.get(out_dim, "bias")?),
-        })
+        Ok(Self::from_weights(
+            vb.get((out_dim, in_dim), "weight")?,
+            Some(vb.get(out_dim, "bias")?),
+        ))
     }
 
     /// Wraps tensors already loaded (e.g. a slice of a fused projection).
     pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            packed: Arc::new(OnceLock::new()),
+        }
+    }
+
+    fn packed(&self) -> Option<&bf16::PackedLinear> {
+        self.packed
+            .get_or_init(|| {
+                if self.weight.track_op() || !self.weight.device().is_cpu() {
+                    return None;
+                }
+                bf16::PackedLinear::new(&self.weight, self.bias.as_ref()).ok()
+            })
+            .as_ref()
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if bf16::bf16_enabled() {
+            if let Some(y) = self.packed().map(|p| p.forward(x)).transpose()?.flatten() {
+                return Ok(y);
+            }
+        }
         let dims = x.dims();
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();

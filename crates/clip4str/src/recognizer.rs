@@ -26,6 +26,17 @@ pub enum RecognizerError {
     Options(String),
 }
 
+/// Arithmetic of the linear layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 everywhere: the parity-tested path.
+    #[default]
+    F32,
+    /// Linear layers with bf16 weights and activations, f32 accumulation (like `torch.autocast(bfloat16)`);
+    /// fast on CPUs with AVX512-BF16 ([`crate::nn::bf16::native_supported`]), emulated elsewhere.
+    Bf16,
+}
+
 /// Knobs of the recognizer; `Default` reproduces the reference `read.py`.
 #[derive(Debug, Clone)]
 pub struct RecognizerOptions {
@@ -44,6 +55,8 @@ pub struct RecognizerOptions {
     pub normalization: Option<Normalization>,
     /// Decode each image as if alone (results independent of the batch; see `ForwardOptions`).
     pub per_sample_stop: bool,
+    /// Arithmetic of the linear layers (f32 by default).
+    pub precision: Precision,
 }
 
 impl Default for RecognizerOptions {
@@ -56,6 +69,7 @@ impl Default for RecognizerOptions {
             max_length: None,
             normalization: None,
             per_sample_stop: false,
+            precision: Precision::F32,
         }
     }
 }
@@ -148,6 +162,11 @@ impl Recognizer {
         })
     }
 
+    /// The options this recognizer runs with.
+    pub fn options(&self) -> &RecognizerOptions {
+        &self.opts
+    }
+
     /// The input normalisation in use.
     pub fn normalization(&self) -> Normalization {
         self.opts.normalization.unwrap_or(Normalization::TEST)
@@ -195,7 +214,10 @@ impl Recognizer {
             refine_iters: self.opts.refine_iters,
             per_sample_stop: self.opts.per_sample_stop,
         };
-        Ok(self.model.forward_trace(batch, &self.adapter, &opts)?)
+        let bf16 = self.opts.precision == Precision::Bf16;
+        Ok(crate::nn::bf16::with_bf16(bf16, || {
+            self.model.forward_trace(batch, &self.adapter, &opts)
+        })?)
     }
 
     /// Reads one model batch `[B, 3, H, W]`.

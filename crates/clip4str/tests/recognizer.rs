@@ -233,3 +233,58 @@ fn recorded_normalization_is_used_unless_overridden() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// bf16 mode (bf16 linear layers, f32 accumulation) stays within a stated distance of the f32 path: image
+/// tokens and first-step visual logits within 2 % of their largest magnitude. Later steps are not
+/// compared: on random weights nearly tied argmaxes send the two AR decodings down different paths.
+#[test]
+fn bf16_mode_stays_close_to_f32() {
+    use clip4str::recognizer::Precision;
+    let (tensors, _) = infer_fixture();
+    let f32_rec = load("tiny.ckpt", false);
+    let bf16_rec = Recognizer::from_checkpoint(
+        &fixtures().join("tiny.ckpt"),
+        None,
+        RecognizerOptions {
+            precision: Precision::Bf16,
+            ..RecognizerOptions::default()
+        },
+    )
+    .unwrap();
+    let (mut memory_rel, mut first_step) = (0f32, 0f32);
+    for batch in ["batch_A_stop17", "batch_B_nostop", "batch_C_stop11"] {
+        let input = &tensors[&format!("{batch}/input")];
+        let a = f32_rec.trace(input).unwrap();
+        let b = bf16_rec.trace(input).unwrap();
+        let diff = max_abs(&(&a.memory - &b.memory).unwrap());
+        assert!(
+            diff > 0.0,
+            "{batch}: bf16 mode did not change the arithmetic"
+        );
+        memory_rel = memory_rel.max(diff / max_abs(&a.memory));
+        let step0 = |t: &Tensor| t.narrow(1, 0, 1).unwrap();
+        let logits = step0(&a.vis_logits);
+        let gap = max_abs(&(&logits - step0(&b.vis_logits)).unwrap());
+        first_step = first_step.max(gap / max_abs(&logits));
+    }
+    eprintln!("bf16 vs f32, share of the largest magnitude: image tokens {memory_rel:.4}, first-step logits {first_step:.4}");
+    assert!(
+        memory_rel < 0.02,
+        "image tokens differ by {memory_rel} of their range"
+    );
+    assert!(
+        first_step < 0.02,
+        "first-step logits differ by {first_step} of their range"
+    );
+}

@@ -3,10 +3,13 @@
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
+use candle_core::Device;
 use clip4str::data::LmdbWriter;
 use clip4str::recognizer::{Recognizer, RecognizerOptions};
 use clip4str::train::init::{sincos_positional, VISUAL_POSITIONAL};
-use clip4str::train::{InitSpec, PositionalInit, StepMetrics, TrainConfig, TrainObserver, Trainer};
+use clip4str::train::{
+    InitSpec, PositionalInit, StepMetrics, TrainConfig, TrainObserver, Trainer, CTC_HEAD_PREFIX,
+};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -178,6 +181,65 @@ fn sincos_positional_init_starts_from_the_table() {
     let t = Trainer::new(plain).unwrap();
     let start = t.params().get(VISUAL_POSITIONAL).unwrap();
     assert!(start.to_vec2::<f32>().unwrap()[0].iter().any(|&v| v != 0.0));
+    std::fs::remove_dir_all(&root).ok();
+}
+
+/// The auxiliary CTC head trains with the model, is saved and restored with the optimizer state, and never
+/// reaches the exported weights (which must load as a plain CLIP4STR).
+#[test]
+fn ctc_head_is_kept_in_the_state_file_only() {
+    let root = std::env::temp_dir().join(format!("clip4str-ctc-{}", std::process::id()));
+    std::fs::remove_dir_all(&root).ok();
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    make_lmdb(&data);
+    let out = root.join("out");
+    let text = CONFIG
+        .replace("TRAIN", data.to_str().unwrap())
+        .replace("VAL", data.to_str().unwrap())
+        .replace("OUT", out.to_str().unwrap())
+        .replace("max_steps = 4", "max_steps = 2\nctc_weight = 0.5");
+    let cfg = TrainConfig::from_toml(&text).unwrap();
+    assert_eq!(cfg.optim.ctc_weight, 0.5);
+    let stop = AtomicBool::new(false);
+    let mut t = Trainer::new(cfg).unwrap();
+    let start = t.ctc_head().unwrap().weight.as_detached_tensor().copy().unwrap();
+    t.run(&mut Quiet, &stop).unwrap();
+    let trained = t.ctc_head().unwrap().weight.as_detached_tensor();
+    let moved = (&trained - &start)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(
+        moved.to_scalar::<f32>().unwrap() > 0.0,
+        "the CTC head did not train"
+    );
+
+    let state =
+        candle_core::safetensors::load(out.join("state-00000002.safetensors"), &Device::Cpu)
+            .unwrap();
+    let saved = &state[&format!("{CTC_HEAD_PREFIX}weight")];
+    assert!(state.contains_key(&format!("exp_avg/{CTC_HEAD_PREFIX}weight")));
+    let last = candle_core::safetensors::load(out.join("last.safetensors"), &Device::Cpu).unwrap();
+    assert!(last.keys().all(|k| !k.starts_with("aux.")));
+    Recognizer::from_checkpoint(
+        &out.join("last.safetensors"),
+        None,
+        RecognizerOptions::default(),
+    )
+    .unwrap();
+
+    let t = Trainer::resume(&out).unwrap();
+    let restored = t.ctc_head().unwrap().weight.as_detached_tensor();
+    let gap = (&restored - saved)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert_eq!(gap.to_scalar::<f32>().unwrap(), 0.0);
     std::fs::remove_dir_all(&root).ok();
 }
 

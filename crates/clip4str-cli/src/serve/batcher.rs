@@ -51,6 +51,7 @@ impl ReadOptions {
             batch_size: max_batch,
             per_sample_stop: true,
             normalization: Some(base.normalization()),
+            precision: base.options().precision,
             ..crate::read::case_options(self.cased, self.punctuation)
         }
     }

@@ -29,7 +29,7 @@ pub fn enabled() -> bool {
 /// The one gate of every kernel: all inputs are f32 CPU tensors outside any autograd graph.
 ///
 /// `track_op` is true for `Var`s and everything computed from them, so training never gets here.
-fn inference_only(tensors: &[&Tensor]) -> bool {
+pub(crate) fn inference_only(tensors: &[&Tensor]) -> bool {
     enabled()
         && tensors
             .iter()

@@ -59,7 +59,7 @@ pub struct TrainingLoss {
     pub loss: Tensor,
     /// Target ids `[B][L+2]`: BOS, characters, EOS, PAD.
     pub tgt: Vec<Vec<u32>>,
-    /// Image memory `[B, S, E]` (detached).
+    /// Image memory `[B, S, E]`, attached to the graph so auxiliary losses can train the encoder through it.
     pub memory: Tensor,
     /// Per permutation, in order.
     pub perms: Vec<PermLoss>,
@@ -246,7 +246,7 @@ pub fn training_loss(
     Ok(TrainingLoss {
         loss,
         tgt,
-        memory: memory.detach(),
+        memory,
         perms: details,
     })
 }

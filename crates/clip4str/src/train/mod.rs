@@ -7,6 +7,7 @@
 //! [`gen_tgt_perms`] → [`training_loss`] → `loss.backward()` → [`clip_grad_norm`] → [`AdamW::step`] →
 //! [`OneCycleLr::step`].
 
+mod ctc;
 mod loss;
 mod optim;
 mod params;
@@ -16,6 +17,7 @@ mod schedule;
 pub mod init;
 mod trainer;
 
+pub use ctc::{ctc_feasible, ctc_loss, CtcHead, CTC_HEAD_PREFIX};
 pub use loss::{cross_entropy, training_loss, LossOptions, PermLoss, TrainingLoss};
 pub use optim::{
     clip_grad_norm, param_group, AdamW, AdamWConfig, GradNorm, GroupSettings, OptimizerConfig,

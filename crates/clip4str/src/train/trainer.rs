@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use super::init::{initial_weights, sincos_positional, InitSource, VISUAL_POSITIONAL};
 use super::{
-    clip_grad_norm, gen_tgt_perms, training_loss, AdamW, LossOptions, OneCycleLr, OptimizerConfig,
-    ParamStore, TrainError,
+    clip_grad_norm, ctc_loss, gen_tgt_perms, training_loss, AdamW, CtcHead, LossOptions,
+    OneCycleLr, OptimizerConfig, ParamStore, TrainError,
 };
 use crate::charset::CharsetAdapter;
 use crate::checkpoint::{read_checkpoint, save_safetensors};
@@ -200,6 +200,9 @@ pub struct OptimSpec {
     pub accumulate: usize,
     /// Permutations per batch.
     pub perm_num: usize,
+    /// Weight of an auxiliary CTC loss on the image tokens (0: off, the reference recipe). Speeds up
+    /// training from scratch; the head is kept in the optimizer state file, never in exported weights.
+    pub ctc_weight: f64,
 }
 
 impl Default for OptimSpec {
@@ -216,6 +219,7 @@ impl Default for OptimSpec {
             grad_clip: 20.0,
             accumulate: 1,
             perm_num: 6,
+            ctc_weight: 0.0,
         }
     }
 }
@@ -331,11 +335,16 @@ pub struct Trainer {
     optimizer: AdamW,
     schedule: OneCycleLr,
     loader: TrainLoader,
+    /// Auxiliary CTC head when `optim.ctc_weight > 0`.
+    ctc: Option<CtcHead>,
     state: RunState,
     total_steps: usize,
     history: Vec<StepMetrics>,
     device: Device,
 }
+
+/// CTC frames per patch column: a 16-column grid gives 32 frames, room for labels of up to ~25 characters.
+const CTC_STEPS_PER_COLUMN: usize = 2;
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     move |e| TrainError::Config(format!("{}: {e}", path.display()))
@@ -462,7 +471,32 @@ impl Trainer {
             coef_wd: o.coef_wd,
             ..OptimizerConfig::default()
         };
-        let mut optimizer = AdamW::new(store.trainable(), &opt_cfg);
+        let ctc = if o.ctc_weight > 0.0 {
+            let classes = model.tokenizer.num_classes();
+            let grid = model_cfg.vision.grid();
+            let saved = match &opt_state {
+                Some(s) => CtcHead::from_named(s, grid, classes, CTC_STEPS_PER_COLUMN)?,
+                None => None,
+            };
+            Some(match saved {
+                Some(head) => head,
+                None => CtcHead::new(
+                    model_cfg.embed_dim,
+                    grid,
+                    classes,
+                    CTC_STEPS_PER_COLUMN,
+                    cfg.run.seed,
+                    &device,
+                )?,
+            })
+        } else {
+            None
+        };
+        let mut optimized: Vec<(String, Var)> = store.trainable().to_vec();
+        if let Some(head) = &ctc {
+            optimized.extend(head.named());
+        }
+        let mut optimizer = AdamW::new(&optimized, &opt_cfg);
         if let Some(s) = &opt_state {
             optimizer.load_state_dict(s)?;
         }
@@ -503,6 +537,7 @@ impl Trainer {
             optimizer,
             schedule,
             loader,
+            ctc,
             state,
             total_steps,
             history: Vec::new(),
@@ -536,6 +571,11 @@ impl Trainer {
     /// The weights being trained, by state-dict name.
     pub fn params(&self) -> &ParamStore {
         &self.store
+    }
+
+    /// The auxiliary CTC head, when `optim.ctc_weight > 0`.
+    pub fn ctc_head(&self) -> Option<&CtcHead> {
+        self.ctc.as_ref()
     }
 
     /// The model configuration.
@@ -599,13 +639,25 @@ impl Trainer {
                 );
                 let perms = gen_tgt_perms(longest, o.perm_num, true, true, &mut rng);
                 let out = training_loss(&self.model, &images, &labels, &perms, &loss_opts)?;
-                let loss = (out.loss / o.accumulate as f64)?;
+                let mut loss = out.loss.clone();
+                if let Some(head) = &self.ctc {
+                    // Character ids between BOS and EOS; the charset's EOS id (0) is the blank.
+                    let eos = self.model.tokenizer.eos_id();
+                    let targets: Vec<Vec<u32>> = out
+                        .tgt
+                        .iter()
+                        .map(|row| row[1..].iter().copied().take_while(|&c| c != eos).collect())
+                        .collect();
+                    let (ctc, _) = ctc_loss(&head.log_probs(&out.memory)?, &targets, eos)?;
+                    loss = (loss + (ctc * o.ctc_weight)?)?;
+                }
+                let loss = (loss / o.accumulate as f64)?;
                 step_loss += loss.to_scalar::<f32>()? as f64;
                 let grads = loss.backward()?;
                 accumulated = Some(match accumulated {
                     None => grads,
                     Some(mut acc) => {
-                        for (_, var) in self.store.trainable() {
+                        for var in self.optimizer.vars() {
                             if let Some(g) = grads.get(var.as_tensor()) {
                                 let sum = match acc.get(var.as_tensor()) {
                                     Some(a) => (a + g)?.detach(),
@@ -622,7 +674,7 @@ impl Trainer {
                 window_images += b;
             }
             let mut grads = accumulated.ok_or(TrainError::EmptyBatch)?;
-            let vars: Vec<&Var> = self.store.trainable().iter().map(|(_, v)| v).collect();
+            let vars: Vec<&Var> = self.optimizer.vars().collect();
             let norm = clip_grad_norm(&mut grads, vars, o.grad_clip)?;
             let last_grad_norm = norm.total_norm;
             if !step_loss.is_finite() || !last_grad_norm.is_finite() {
@@ -819,7 +871,14 @@ impl Trainer {
     fn save_last(&self, m: &StepMetrics) -> Result<(), TrainError> {
         let dir = &self.cfg.run.output_dir;
         let state_name = format!("state-{:08}.safetensors", self.state.step);
-        let opt: Vec<(String, Tensor)> = self.optimizer.state_dict()?.into_iter().collect();
+        let mut opt: Vec<(String, Tensor)> = self.optimizer.state_dict()?.into_iter().collect();
+        if let Some(head) = &self.ctc {
+            opt.extend(
+                head.named()
+                    .into_iter()
+                    .map(|(name, var)| (name, var.as_detached_tensor())),
+            );
+        }
         save_safetensors(&dir.join(&state_name), &opt, &HashMap::new())?;
         self.save("last", m)?;
         if let Ok(entries) = std::fs::read_dir(dir) {

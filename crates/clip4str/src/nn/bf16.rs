@@ -1,0 +1,502 @@
+//! bf16 matrix products for inference: weights and activations rounded to bfloat16, products accumulated in
+//! f32 (what `torch.autocast(bfloat16)` does for `nn.Linear` on CPU).
+//!
+//! candle's CPU backend widens bf16 to f32 before multiplying, which gains nothing; this module packs each
+//! linear layer's weight once into bf16 column panels and multiplies with AVX512-BF16 `vdpbf16ps` (two
+//! multiply-adds per lane and instruction), picked at run time. CPUs without AVX512-BF16 get a portable
+//! kernel with the same rounding, much slower than f32: there bf16 mode is for checking, not for speed.
+//!
+//! bf16 mode is per thread and scoped ([`with_bf16`]): a recognizer turns it on around its own forward
+//! passes, so two recognizers of one process can use different precisions. Like the fused kernels, the
+//! path only takes f32 CPU tensors outside any autograd graph; training never reaches it.
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Output columns of one packed panel: two 16-lane f32 accumulators per row.
+const PANEL: usize = 32;
+/// Rows of one micro-tile.
+const ROWS: usize = 8;
+/// Rows handed to one rayon task (a slice of activations that stays in L2 while its panels stream by).
+const ROW_CHUNK: usize = 128;
+
+thread_local! {
+    static BF16_ON: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with bf16 linear layers on this thread when `on`, restoring the previous setting afterwards
+/// (also when `f` panics).
+pub fn with_bf16<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BF16_ON.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(BF16_ON.with(|c| c.replace(on)));
+    f()
+}
+
+/// Whether linear layers run in bf16 on this thread (see [`with_bf16`]).
+pub fn bf16_enabled() -> bool {
+    BF16_ON.with(Cell::get)
+}
+
+/// Whether this CPU has the AVX512-BF16 instructions the fast kernel needs.
+pub fn native_supported() -> bool {
+    static NATIVE: OnceLock<bool> = OnceLock::new();
+    *NATIVE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// f32 to bf16 bits, rounding to nearest even (NaN stays NaN), like `vcvtneps2bf16` and torch.
+pub fn to_bf16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    let rounding = 0x7FFF + ((bits >> 16) & 1);
+    (bits.wrapping_add(rounding) >> 16) as u16
+}
+
+fn from_bf16_bits(b: u16) -> f32 {
+    f32::from_bits(u32::from(b) << 16)
+}
+
+/// A linear layer's weight `[N, K]` (and bias `[N]`) rounded to bf16 and laid out for the kernel: panels of
+/// 32 output columns; inside a panel, for each pair of inputs `(2p, 2p+1)`, the 32 columns' two values
+/// side by side (one 512-bit register). Columns and inputs past the weight's size are zeros.
+pub struct PackedLinear {
+    n: usize,
+    k: usize,
+    pairs: usize,
+    data: Vec<u16>,
+    bias: Vec<f32>,
+}
+
+impl std::fmt::Debug for PackedLinear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedLinear")
+            .field("out", &self.n)
+            .field("in", &self.k)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PackedLinear {
+    /// Packs `weight [N, K]` and the optional `bias [N]` (any float dtype).
+    pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        let (n, k) = weight.dims2()?;
+        let w: Vec<f32> = weight
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let pairs = k.div_ceil(2);
+        let panels = n.div_ceil(PANEL);
+        let mut data = vec![0u16; panels * pairs * PANEL * 2];
+        for col in 0..n {
+            let (panel, c) = (col / PANEL, col % PANEL);
+            for (i, &v) in w[col * k..(col + 1) * k].iter().enumerate() {
+                let (p, e) = (i / 2, i % 2);
+                data[((panel * pairs + p) * PANEL + c) * 2 + e] = to_bf16_bits(v);
+            }
+        }
+        let mut padded = vec![0f32; panels * PANEL];
+        if let Some(b) = bias {
+            let b: Vec<f32> = b.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+            if b.len() != n {
+                candle_core::bail!(
+                    "bf16 linear: bias has {} entries, the weight {n} rows",
+                    b.len()
+                );
+            }
+            padded[..n].copy_from_slice(&b);
+        }
+        Ok(Self {
+            n,
+            k,
+            pairs,
+            data,
+            bias: padded,
+        })
+    }
+
+    /// Output features `N`.
+    pub fn out_features(&self) -> usize {
+        self.n
+    }
+
+    /// `x W^T + b` for `x [.., K]` (f32, any rank); `None` when `x` is not an f32 CPU tensor outside an
+    /// autograd graph, so the caller runs its f32 path.
+    pub fn forward(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if !super::fused::inference_only(&[x]) {
+            return Ok(None);
+        }
+        let dims = x.dims();
+        if dims.last() != Some(&self.k) {
+            candle_core::bail!(
+                "bf16 linear: input has {:?} features, the layer takes {}",
+                dims.last(),
+                self.k
+            );
+        }
+        let x = x.contiguous()?;
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("rank >= 1") = self.n;
+        let y = x.reshape((rows, self.k))?.apply_op1_no_bwd(&Bf16Matmul {
+            packed: self,
+            native: native_supported(),
+        })?;
+        y.reshape(out_dims).map(Some)
+    }
+
+    /// `x [M, K]` (row-major f32) times the packed weight into `out [M, N]`, plus bias.
+    fn run(&self, x: &[f32], m: usize, out: &mut [f32], native: bool) {
+        // Activations as bf16 pairs, rows padded to an even length.
+        let mut a = vec![0u16; m * self.pairs * 2];
+        let width = self.pairs * 2;
+        let convert = |(row, dst): (usize, &mut [u16])| {
+            let src = &x[row * self.k..(row + 1) * self.k];
+            convert_row(src, &mut dst[..self.k], native);
+        };
+        if m * self.k >= 64 * 1024 {
+            a.par_chunks_mut(width).enumerate().for_each(convert);
+        } else {
+            a.chunks_mut(width).enumerate().for_each(convert);
+        }
+        let panels = self.n.div_ceil(PANEL);
+        let chunks = m.div_ceil(ROW_CHUNK);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let task = |t: usize| {
+            let (chunk, panel) = (t / panels, t % panels);
+            let first = chunk * ROW_CHUNK;
+            let last = (first + ROW_CHUNK).min(m);
+            let cols = (self.n - panel * PANEL).min(PANEL);
+            let b =
+                &self.data[panel * self.pairs * PANEL * 2..(panel + 1) * self.pairs * PANEL * 2];
+            let bias = &self.bias[panel * PANEL..(panel + 1) * PANEL];
+            let mut row = first;
+            while row < last {
+                let tile = (last - row).min(ROWS);
+                let tile_a = &a[row * width..(row + tile) * width];
+                // SAFETY: tasks write disjoint (row range, panel) blocks of `out`, which outlives them.
+                unsafe {
+                    let c = out_ptr.get().add(row * self.n + panel * PANEL);
+                    micro_tile(tile, tile_a, self.pairs, b, bias, c, self.n, cols, native);
+                }
+                row += tile;
+            }
+        };
+        let work = m * self.n * self.k;
+        if work >= 1 << 20 {
+            (0..chunks * panels).into_par_iter().for_each(task);
+        } else {
+            (0..chunks * panels).for_each(task);
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used to hand disjoint output blocks to rayon tasks.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+fn convert_row(src: &[f32], dst: &mut [u16], native: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if native {
+        // SAFETY: AVX512-BF16 was detected.
+        unsafe { convert_row_avx512(src, dst) };
+        return;
+    }
+    let _ = native;
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = to_bf16_bits(s);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn convert_row_avx512(src: &[f32], dst: &mut [u16]) {
+    use std::arch::x86_64::*;
+    let full = src.len() / 16 * 16;
+    let mut i = 0;
+    while i < full {
+        let v = _mm512_loadu_ps(src.as_ptr().add(i));
+        let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+        _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, h);
+        i += 16;
+    }
+    for j in full..src.len() {
+        dst[j] = to_bf16_bits(src[j]);
+    }
+}
+
+/// One tile of `rows ≤ 8` rows times one panel, written to `c` (row stride `ldc`, `cols ≤ 32` columns).
+///
+/// # Safety
+/// `c` must be valid for `rows` rows of `cols` floats at stride `ldc`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro_tile(
+    rows: usize,
+    a: &[u16],
+    pairs: usize,
+    b: &[u16],
+    bias: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    native: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if native {
+        macro_rules! tile {
+            ($($r:literal)*) => {
+                match rows {
+                    $($r => tile_avx512::<$r>(a, pairs, b, bias, c, ldc, cols),)*
+                    _ => unreachable!("tiles have 1 to 8 rows"),
+                }
+            };
+        }
+        tile!(1 2 3 4 5 6 7 8);
+        return;
+    }
+    let _ = native;
+    tile_portable(rows, a, pairs, b, bias, c, ldc, cols);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn tile_avx512<const R: usize>(
+    a: &[u16],
+    pairs: usize,
+    b: &[u16],
+    bias: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    let width = pairs * 2;
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    let a_ptr = a.as_ptr() as *const i32;
+    let b_ptr = b.as_ptr();
+    for p in 0..pairs {
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b_ptr.add(p * 64) as *const _));
+        let b1: __m512bh =
+            std::mem::transmute(_mm512_loadu_si512(b_ptr.add(p * 64 + 32) as *const _));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            // The pair (x[r, 2p], x[r, 2p+1]) broadcast to all 16 lanes.
+            let pair = _mm512_set1_epi32(*a_ptr.add(r * width / 2 + p));
+            let pair: __m512bh = std::mem::transmute(pair);
+            acc[0] = _mm512_dpbf16_ps(acc[0], pair, b0);
+            acc[1] = _mm512_dpbf16_ps(acc[1], pair, b1);
+        }
+    }
+    let bias0 = _mm512_loadu_ps(bias.as_ptr());
+    let bias1 = _mm512_loadu_ps(bias.as_ptr().add(16));
+    let (m0, m1) = if cols >= PANEL {
+        (0xFFFF, 0xFFFF)
+    } else {
+        let lo = cols.min(16);
+        let hi = cols.saturating_sub(16);
+        (((1u32 << lo) - 1) as u16, ((1u32 << hi) - 1) as u16)
+    };
+    for (r, acc) in acc.iter().enumerate() {
+        let row = c.add(r * ldc);
+        _mm512_mask_storeu_ps(row, m0, _mm512_add_ps(acc[0], bias0));
+        _mm512_mask_storeu_ps(row.add(16), m1, _mm512_add_ps(acc[1], bias1));
+    }
+}
+
+/// The same sums without AVX512-BF16: exact bf16 products, f32 accumulation pair by pair.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_portable(
+    rows: usize,
+    a: &[u16],
+    pairs: usize,
+    b: &[u16],
+    bias: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+) {
+    let width = pairs * 2;
+    for r in 0..rows {
+        let mut acc = [0f32; PANEL];
+        let x = &a[r * width..(r + 1) * width];
+        for p in 0..pairs {
+            let (x0, x1) = (from_bf16_bits(x[2 * p]), from_bf16_bits(x[2 * p + 1]));
+            let panel = &b[p * PANEL * 2..(p + 1) * PANEL * 2];
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let w0 = from_bf16_bits(panel[2 * j]);
+                let w1 = from_bf16_bits(panel[2 * j + 1]);
+                *acc += x0 * w0 + x1 * w1;
+            }
+        }
+        for j in 0..cols {
+            *c.add(r * ldc + j) = acc[j] + bias[j];
+        }
+    }
+}
+
+struct Bf16Matmul<'a> {
+    packed: &'a PackedLinear,
+    /// AVX512-BF16 kernels (false: the portable ones).
+    native: bool,
+}
+
+impl CustomOp1 for Bf16Matmul<'_> {
+    fn name(&self) -> &'static str {
+        "bf16-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("bf16-linear: expected f32 input");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("bf16-linear: expected contiguous input");
+        };
+        let (m, k) = layout.shape().dims2()?;
+        let x = &data[start..end];
+        debug_assert_eq!(x.len(), m * k);
+        let mut out = vec![0f32; m * self.packed.n];
+        self.packed.run(x, m, &mut out, self.native);
+        Ok((CpuStorage::F32(out), Shape::from((m, self.packed.n))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn rounded(t: &Tensor) -> Tensor {
+        t.to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    }
+
+    /// The product of the bf16-rounded operands in f64, then f32.
+    fn reference(x: &Tensor, w: &Tensor, b: &Tensor) -> Vec<Vec<f32>> {
+        let x: Vec<Vec<f32>> = rounded(x).to_vec2().unwrap();
+        let w: Vec<Vec<f32>> = rounded(w).to_vec2().unwrap();
+        let b: Vec<f32> = b.to_vec1().unwrap();
+        x.iter()
+            .map(|row| {
+                w.iter()
+                    .zip(&b)
+                    .map(|(col, bias)| {
+                        let s: f64 = row.iter().zip(col).map(|(a, c)| f64::from(a * c)).sum();
+                        (s + f64::from(*bias)) as f32
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn check(m: usize, k: usize, n: usize) {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.1, (n, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+        let packed = PackedLinear::new(&w, Some(&b)).unwrap();
+        let want = reference(&x, &w, &b);
+        let mut paths = vec![false];
+        if native_supported() {
+            paths.push(true);
+        }
+        for native in paths {
+            let op = Bf16Matmul {
+                packed: &packed,
+                native,
+            };
+            let got: Vec<Vec<f32>> = x.apply_op1_no_bwd(&op).unwrap().to_vec2().unwrap();
+            for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+                for (j, (g, r)) in g.iter().zip(r).enumerate() {
+                    assert!(
+                        (g - r).abs() <= 1e-4 * (1.0 + r.abs()),
+                        "{m}x{k}x{n} (native {native}) at ({i},{j}): {g} vs {r}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matches_the_rounded_product_on_ragged_shapes() {
+        for &(m, k, n) in &[
+            (1, 2, 1),
+            (1, 7, 33),
+            (3, 64, 32),
+            (8, 96, 64),
+            (9, 33, 70),
+            (17, 130, 31),
+            (130, 48, 40),
+            (300, 256, 96),
+        ] {
+            check(m, k, n);
+        }
+    }
+
+    #[test]
+    fn keeps_leading_dims_and_refuses_what_it_cannot_take() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (5, 6), &dev).unwrap();
+        let packed = PackedLinear::new(&w, None).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 6), &dev).unwrap();
+        assert_eq!(packed.forward(&x).unwrap().unwrap().dims(), [2, 3, 5]);
+        // A tensor that tracks gradients goes back to the f32 path.
+        let var = candle_core::Var::from_tensor(&x).unwrap();
+        assert!(packed.forward(var.as_tensor()).unwrap().is_none());
+        let wrong = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
+        assert!(packed.forward(&wrong).is_err());
+    }
+
+    #[test]
+    fn rounding_is_nearest_even() {
+        assert_eq!(to_bf16_bits(1.0), 0x3F80);
+        // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1.0).
+        assert_eq!(to_bf16_bits(1.0 + 1.0 / 256.0), 0x3F80);
+        assert_eq!(to_bf16_bits(1.0 + 3.0 / 256.0), 0x3F82);
+        assert!(from_bf16_bits(to_bf16_bits(f32::NAN)).is_nan());
+        for v in [0.1f32, -3.7, 1e-20, 6.5e4] {
+            let t = Tensor::new(&[v], &Device::Cpu).unwrap();
+            assert_eq!(
+                from_bf16_bits(to_bf16_bits(v)),
+                rounded(&t).to_vec1::<f32>().unwrap()[0]
+            );
+        }
+    }
+
+    #[test]
+    fn scope_restores_the_setting() {
+        assert!(!bf16_enabled());
+        let inner = with_bf16(true, || {
+            assert!(bf16_enabled());
+            with_bf16(false, bf16_enabled)
+        });
+        assert!(!inner);
+        assert!(!bf16_enabled());
+    }
+}
