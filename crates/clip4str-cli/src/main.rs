@@ -17,6 +17,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc keeps freed tensor buffers for reuse; glibc returns large ones to the kernel and every new
+/// tensor then page-faults afresh (measured: training backward 30 % slower, much of it in the kernel).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// CLIP4STR scene-text recognition.
 #[derive(Debug, Parser)]
 #[command(name = "clip4str", version, about)]
@@ -66,7 +71,18 @@ fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Tells mimalloc never to hand freed memory back to the kernel: tensors of the same sizes are allocated
+/// every step, and re-faulting fresh zeroed pages cost a third of a training step (the resident size stays
+/// at its peak instead).
+fn keep_freed_memory() {
+    /// `mi_option_purge_delay` in mimalloc.h (not named by libmimalloc-sys).
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: sets a process-wide integer option; mimalloc reads options atomically.
+    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
+}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     let result = set_threads(cli.threads).and_then(|()| match cli.command {
         Command::Read(args) => read::run(args),

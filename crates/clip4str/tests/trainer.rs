@@ -203,7 +203,13 @@ fn ctc_head_is_kept_in_the_state_file_only() {
     assert_eq!(cfg.optim.ctc_weight, 0.5);
     let stop = AtomicBool::new(false);
     let mut t = Trainer::new(cfg).unwrap();
-    let start = t.ctc_head().unwrap().weight.as_detached_tensor().copy().unwrap();
+    let start = t
+        .ctc_head()
+        .unwrap()
+        .weight
+        .as_detached_tensor()
+        .copy()
+        .unwrap();
     t.run(&mut Quiet, &stop).unwrap();
     let trained = t.ctc_head().unwrap().weight.as_detached_tensor();
     let moved = (&trained - &start)
