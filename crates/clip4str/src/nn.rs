@@ -6,6 +6,7 @@
 
 pub mod bf16;
 pub mod fused;
+pub mod fused_grad;
 
 use std::sync::{Arc, OnceLock};
 
@@ -31,6 +32,15 @@ impl LayerNorm {
         })
     }
 
+    /// Wraps tensors already loaded (eps 1e-5).
+    pub fn from_weights(weight: Tensor, bias: Tensor) -> Self {
+        Self {
+            weight,
+            bias,
+            eps: 1e-5,
+        }
+    }
+
     /// The differentiable composite, used whenever the fused kernel declines (training, f64, ...).
     pub fn forward_composite(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
@@ -53,7 +63,10 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match fused::layer_norm(x, &self.weight, &self.bias, self.eps)? {
+        if let Some(y) = fused::layer_norm(x, &self.weight, &self.bias, self.eps)? {
+            return Ok(y);
+        }
+        match fused::layer_norm_trainable(x, &self.weight, &self.bias, self.eps)? {
             Some(y) => Ok(y),
             None => self.forward_composite(x),
         }
@@ -112,6 +125,9 @@ impl Module for Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
         let y = match &self.bias {
+            Some(b) if (y.track_op() || b.track_op()) && fused_grad::trainable(&[&y, b]) => {
+                fused_grad::add_bias(&y, b)?
+            }
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
@@ -123,7 +139,10 @@ impl Module for Linear {
 
 /// `x * sigmoid(1.702 x)`, the activation of every CLIP block (SPEC §18.3).
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    match fused::quick_gelu(x)? {
+    if let Some(y) = fused::quick_gelu(x)? {
+        return Ok(y);
+    }
+    match fused::quick_gelu_trainable(x)? {
         Some(y) => Ok(y),
         None => quick_gelu_composite(x),
     }
@@ -137,7 +156,10 @@ pub fn quick_gelu_composite(x: &Tensor) -> Result<Tensor> {
 
 /// Numerically stable softmax over the last dimension.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    match fused::softmax_last_dim(x, 1.0, None)? {
+    if let Some(y) = fused::softmax_last_dim(x, 1.0, None)? {
+        return Ok(y);
+    }
+    match fused::softmax_last_dim_trainable(x, 1.0, None)? {
         Some(y) => Ok(y),
         None => softmax_composite(x),
     }
@@ -153,7 +175,10 @@ pub fn softmax_composite(x: &Tensor) -> Result<Tensor> {
 /// Attention weights `softmax(scores * scale + mask)` over the last dimension; `mask` is additive
 /// (0 / -inf) and broadcastable to `scores [B, H, L, S]`.
 pub fn attention_softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
-    match fused::softmax_last_dim(scores, scale as f32, mask)? {
+    if let Some(y) = fused::softmax_last_dim(scores, scale as f32, mask)? {
+        return Ok(y);
+    }
+    match fused::softmax_last_dim_trainable(scores, scale as f32, mask)? {
         Some(y) => Ok(y),
         None => attention_softmax_composite(scores, scale, mask),
     }

@@ -247,14 +247,16 @@ fn residual_attention_block_gradients() {
 }
 
 /// The modules that training differentiates must not call candle's fused ops (they have no backward pass
-/// and silently cut the gradient). clip4str's own kernels (`nn/fused.rs`) may only be applied behind the
-/// `inference_only` gate, which must check `track_op`.
+/// and silently cut the gradient). clip4str's own kernels live in `nn/fused.rs` and `nn/fused_grad.rs`:
+/// every entry point that applies one is gated (`inference_only`, which must check `track_op`, or the
+/// training gate), and every kernel applied with a backward pass defines `bwd` (candle's default errors).
 #[test]
 fn no_fused_ops_in_trained_modules() {
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
     let files = [
         "nn.rs",
         "nn/fused.rs",
+        "nn/fused_grad.rs",
         "decoder.rs",
         "model.rs",
         "clip/transformer.rs",
@@ -270,6 +272,7 @@ fn no_fused_ops_in_trained_modules() {
         "candle_nn::ops::softmax",
     ];
     let custom_op = ["apply_op", "_no_bwd"];
+    let kernel_files = ["nn/fused.rs", "nn/fused_grad.rs"];
     for file in files {
         let text = std::fs::read_to_string(src.join(file)).expect("source file");
         // Unit tests never run in training; they may call the kernels directly.
@@ -277,7 +280,7 @@ fn no_fused_ops_in_trained_modules() {
         for (i, line) in text.lines().enumerate() {
             let code = line.split("//").next().unwrap_or_default();
             for op in fused {
-                // Our own gated kernel of that name is called as `fused::softmax_last_dim`.
+                // Our own gated kernels of that name are called as `fused::softmax_last_dim(_trainable)`.
                 let own =
                     code.contains(&format!("fused::{op}")) || code.contains(&format!("fn {op}"));
                 assert!(
@@ -286,11 +289,11 @@ fn no_fused_ops_in_trained_modules() {
                     i + 1
                 );
             }
-            if file != "nn/fused.rs" {
+            if !kernel_files.contains(&file) {
                 for op in custom_op {
                     assert!(
                         !code.contains(op),
-                        "{file}:{}: applies a custom op outside nn/fused.rs",
+                        "{file}:{}: applies a custom op outside the kernel files",
                         i + 1
                     );
                 }
@@ -298,8 +301,9 @@ fn no_fused_ops_in_trained_modules() {
         }
     }
     let kernels = std::fs::read_to_string(src.join("nn/fused.rs")).expect("nn/fused.rs");
+    let kernels = kernels.split("#[cfg(test)]").next().unwrap_or_default();
     let mut gated = 0;
-    for (name, body) in top_level_fns(&kernels) {
+    for (name, body) in top_level_fns(kernels) {
         let code: String = body
             .lines()
             .map(|l| l.split("//").next().unwrap_or_default())
@@ -312,14 +316,16 @@ fn no_fused_ops_in_trained_modules() {
             );
         }
         if let Some(apply) = code.find("apply_op") {
+            let gate = code
+                .find("if !inference_only(")
+                .or_else(|| code.find("if !gate("));
             assert!(
-                code.find("if !inference_only(")
-                    .is_some_and(|gate| gate < apply),
-                "nn/fused.rs: `{name}` applies a kernel without first checking `inference_only`"
+                gate.is_some_and(|gate| gate < apply),
+                "nn/fused.rs: `{name}` applies a kernel without first checking its gate"
             );
             assert!(
                 !code.contains("_no_bwd"),
-                "nn/fused.rs: `{name}` must keep candle's erroring backward"
+                "nn/fused.rs: `{name}` applies a kernel without its backward pass"
             );
             gated += 1;
         }
@@ -328,6 +334,34 @@ fn no_fused_ops_in_trained_modules() {
         gated >= 3,
         "expected the softmax, layer norm and QuickGELU entry points, found {gated}"
     );
+    // Every kernel applied with a backward pass has one of its own.
+    for file in kernel_files {
+        let text = std::fs::read_to_string(src.join(file)).expect("kernel file");
+        let text = text.split("#[cfg(test)]").next().unwrap_or_default();
+        for block in text.split("\nimpl ").skip(1) {
+            let header = block.lines().next().unwrap_or_default();
+            if !header.contains("CustomOp") {
+                continue;
+            }
+            let body = block.split("\n}\n").next().unwrap_or_default();
+            let op = header
+                .split(" for ")
+                .nth(1)
+                .unwrap_or(header)
+                .trim_end_matches(" {");
+            let applied_with_bwd = text.contains(&format!("apply_op1({op}"))
+                || text.contains(&format!("apply_op1(&{op}"))
+                || text.contains(&format!(", {op})"))
+                || text.contains(&format!(", {op} {{"))
+                || text.contains(&format!("let op = {op} {{"));
+            if applied_with_bwd {
+                assert!(
+                    body.contains("fn bwd"),
+                    "{file}: {header} is differentiated but has no bwd"
+                );
+            }
+        }
+    }
 }
 
 /// `(name, text)` of every function that starts at column 0 (up to the next top-level item).

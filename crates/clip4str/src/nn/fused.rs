@@ -1,10 +1,11 @@
 //! Fused CPU kernels for inference: scaled and masked softmax, layer norm and QuickGELU over f32 rows.
 //!
-//! Every entry point returns `Ok(None)` unless [`inference_only`] accepts its inputs (plain f32 CPU tensors
-//! that track no gradient); the caller then runs its differentiable composite. The kernels are candle
-//! custom ops without a backward pass (candle's default `bwd` errors), so even a wrongly dispatched training
-//! graph fails loudly instead of silently losing gradients. Rows are spread over rayon; each row runs with
-//! AVX-512, AVX2+FMA or scalar code, picked once at run time.
+//! The public entry points return `Ok(None)` unless [`inference_only`] accepts their inputs (plain f32 CPU
+//! tensors that track no gradient); the caller then runs its differentiable composite. The `*_trainable`
+//! entry points take tensors that do track gradients: the ops carry backward passes
+//! ([`super::fused_grad`], tested against the composites' autograd), unlike candle's own fused kernels,
+//! which drop gradients silently. Rows are spread over rayon; each row runs with AVX-512, AVX2+FMA or scalar
+//! code, picked once at run time.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
@@ -43,10 +44,35 @@ pub fn softmax_last_dim(x: &Tensor, scale: f32, mask: Option<&Tensor>) -> Result
     softmax_with(x, scale, mask, Isa::detect())
 }
 
+/// [`softmax_last_dim`] for training: `x` may track gradients (the mask must not).
+pub(crate) fn softmax_last_dim_trainable(
+    x: &Tensor,
+    scale: f32,
+    mask: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    if mask.is_some_and(Tensor::track_op) || !super::fused_grad::trainable(&[x]) {
+        return Ok(None);
+    }
+    softmax_gated(x, scale, mask, Isa::detect(), super::fused_grad::trainable)
+}
+
+/// Decides whether a kernel may take its inputs.
+type Gate = fn(&[&Tensor]) -> bool;
+
 fn softmax_with(x: &Tensor, scale: f32, mask: Option<&Tensor>, isa: Isa) -> Result<Option<Tensor>> {
+    softmax_gated(x, scale, mask, isa, inference_only)
+}
+
+fn softmax_gated(
+    x: &Tensor,
+    scale: f32,
+    mask: Option<&Tensor>,
+    isa: Isa,
+    gate: Gate,
+) -> Result<Option<Tensor>> {
     let mut inputs = vec![x];
     inputs.extend(mask);
-    if !inference_only(&inputs) || !x.is_contiguous() || x.rank() == 0 {
+    if !gate(&inputs) || !x.is_contiguous() || x.rank() == 0 {
         return Ok(None);
     }
     let op = Softmax { scale, isa };
@@ -69,6 +95,23 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     layer_norm_with(x, weight, bias, eps, Isa::detect())
 }
 
+/// [`layer_norm`] for training: the inputs may track gradients.
+pub(crate) fn layer_norm_trainable(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Option<Tensor>> {
+    layer_norm_gated(
+        x,
+        weight,
+        bias,
+        eps,
+        Isa::detect(),
+        super::fused_grad::trainable,
+    )
+}
+
 fn layer_norm_with(
     x: &Tensor,
     weight: &Tensor,
@@ -76,7 +119,18 @@ fn layer_norm_with(
     eps: f64,
     isa: Isa,
 ) -> Result<Option<Tensor>> {
-    if !inference_only(&[x, weight, bias]) || x.rank() == 0 {
+    layer_norm_gated(x, weight, bias, eps, isa, inference_only)
+}
+
+fn layer_norm_gated(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    isa: Isa,
+    gate: Gate,
+) -> Result<Option<Tensor>> {
+    if !gate(&[x, weight, bias]) || x.rank() == 0 {
         return Ok(None);
     }
     let width = x.dim(x.rank() - 1)?;
@@ -96,8 +150,17 @@ pub fn quick_gelu(x: &Tensor) -> Result<Option<Tensor>> {
     quick_gelu_with(x, Isa::detect())
 }
 
+/// [`quick_gelu`] for training: `x` may track gradients.
+pub(crate) fn quick_gelu_trainable(x: &Tensor) -> Result<Option<Tensor>> {
+    quick_gelu_gated(x, Isa::detect(), super::fused_grad::trainable)
+}
+
 fn quick_gelu_with(x: &Tensor, isa: Isa) -> Result<Option<Tensor>> {
-    if !inference_only(&[x]) || !x.is_contiguous() {
+    quick_gelu_gated(x, isa, inference_only)
+}
+
+fn quick_gelu_gated(x: &Tensor, isa: Isa, gate: Gate) -> Result<Option<Tensor>> {
+    if !gate(&[x]) || !x.is_contiguous() {
         return Ok(None);
     }
     x.apply_op1(QuickGelu { isa }).map(Some)
@@ -202,6 +265,10 @@ impl CustomOp1 for Softmax {
         let x = contiguous(storage, layout, "fused-softmax")?;
         Ok((self.run(x, layout, None), layout.shape().clone()))
     }
+
+    fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        super::fused_grad::softmax_grad(res, grad, self.scale).map(Some)
+    }
 }
 
 impl CustomOp2 for Softmax {
@@ -224,6 +291,20 @@ impl CustomOp2 for Softmax {
             candle_core::bail!("fused-masked-softmax: mask not broadcast to the input");
         }
         Ok((self.run(x, l1, Some((mask, l2))), l1.shape().clone()))
+    }
+
+    /// The mask is a constant: no gradient for it.
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _mask: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((
+            Some(super::fused_grad::softmax_grad(res, grad, self.scale)?),
+            None,
+        ))
     }
 }
 
@@ -261,6 +342,18 @@ impl CustomOp3 for LayerNormOp {
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = super::fused_grad::layer_norm_grad(x, weight, grad, self.eps)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
 }
 
 /// QuickGELU, elementwise.
@@ -283,6 +376,10 @@ impl CustomOp1 for QuickGelu {
             dispatch_quick_gelu(self.isa, &x[start..start + out_block.len()], out_block);
         });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        super::fused_grad::quick_gelu_grad(x, grad).map(Some)
     }
 }
 

@@ -1,0 +1,423 @@
+//! Backward passes of the fused kernels, so training gets them too: each composite they replace is a chain of
+//! 5-10 candle ops that each allocate and sweep memory (measured: a third of a training step went to those
+//! elementwise ops and to candle's strided reductions). The gradients are tested against the composites'
+//! autograd in this module's tests.
+//!
+//! Only f32 CPU tensors take this path (see [`trainable`]); f64 (gradient checks against finite
+//! differences) keeps the composites.
+
+use std::cell::Cell;
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+thread_local! {
+    static ON: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Runs `f` with the differentiable fused ops on or off on this thread (off: the composites), restoring the
+/// previous setting afterwards.
+pub fn with_enabled<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ON.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(ON.with(|c| c.replace(on)));
+    f()
+}
+
+/// Rows per rayon task for the row-wise gradients, and the least elements worth a task.
+const GRAIN: usize = 16 * 1024;
+
+/// Whether the differentiable fused ops take these tensors: f32 CPU ones, with the kernels switched on.
+pub(crate) fn trainable(tensors: &[&Tensor]) -> bool {
+    super::fused::enabled()
+        && ON.with(Cell::get)
+        && tensors
+            .iter()
+            .all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
+}
+
+fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: expected f32");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: expected a contiguous tensor");
+    };
+    Ok(&data[start..end])
+}
+
+fn rows_of(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if width == 0 {
+        return;
+    }
+    if out.len() < GRAIN {
+        out.chunks_mut(width).enumerate().for_each(|(i, r)| f(i, r));
+    } else {
+        out.par_chunks_mut(width)
+            .enumerate()
+            .with_min_len(GRAIN.div_ceil(width))
+            .for_each(|(i, r)| f(i, r));
+    }
+}
+
+/// Column sums of `rows` rows of `width`, over rayon chunks.
+fn column_sums(width: usize, rows: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let per_task = GRAIN.div_ceil(width.max(1)).max(1);
+    (0..rows.div_ceil(per_task))
+        .into_par_iter()
+        .map(|chunk| {
+            let mut acc = vec![0f32; width];
+            for r in chunk * per_task..((chunk + 1) * per_task).min(rows) {
+                row(r, &mut acc);
+            }
+            acc
+        })
+        .reduce(
+            || vec![0f32; width],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            },
+        )
+}
+
+/// `d softmax(x * scale + mask) / dx` given the output `y` and its gradient `g`: `scale * y * (g - Σ g y)`.
+pub(crate) fn softmax_grad(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
+    y.contiguous()?
+        .apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad { scale })
+}
+
+struct SoftmaxGrad {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "fused-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = slice(s1, l1, self.name())?;
+        let g = slice(s2, l2, self.name())?;
+        let width = l1.dims().last().copied().unwrap_or(1);
+        let mut out = vec![0f32; y.len()];
+        rows_of(&mut out, width, |i, row| {
+            let (y, g) = (&y[i * width..][..width], &g[i * width..][..width]);
+            let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+            for ((o, y), g) in row.iter_mut().zip(y).zip(g) {
+                *o = self.scale * y * (g - dot);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Gradients of layer norm over the last dimension for input `x`, `weight` and output gradient `g`:
+/// `(dx, dweight, dbias)`.
+pub(crate) fn layer_norm_grad(
+    x: &Tensor,
+    weight: &Tensor,
+    g: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let width = weight.elem_count();
+    let rows = x.elem_count() / width.max(1);
+    let packed = x.contiguous()?.apply_op3_no_bwd(
+        &weight.contiguous()?,
+        &g.contiguous()?,
+        &LayerNormGrad { eps },
+    )?;
+    let dx = packed.narrow(0, 0, rows * width)?.reshape(x.shape())?;
+    let dweight = packed.narrow(0, rows * width, width)?;
+    let dbias = packed.narrow(0, (rows + 1) * width, width)?;
+    Ok((dx, dweight, dbias))
+}
+
+/// Output: `dx` (rows x width), then `dweight`, then `dbias`, flat.
+struct LayerNormGrad {
+    eps: f32,
+}
+
+/// Mean and 1/std of one row (biased variance, like the forward).
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let w = slice(s2, l2, self.name())?;
+        let g = slice(s3, l3, self.name())?;
+        let width = w.len();
+        if width == 0 || x.len() % width != 0 || g.len() != x.len() {
+            candle_core::bail!("{}: shapes do not match", self.name());
+        }
+        let rows = x.len() / width;
+        let n = width as f32;
+        let mut out = vec![0f32; (rows + 2) * width];
+        let (dx, params) = out.split_at_mut(rows * width);
+        rows_of(dx, width, |i, row| {
+            let (x, g) = (&x[i * width..][..width], &g[i * width..][..width]);
+            let (mean, inv) = row_stats(x, self.eps);
+            // dx = inv * (gw - mean(gw) - xhat * mean(gw * xhat)), gw = g * weight.
+            let (mut sum_gw, mut sum_gw_xhat) = (0f32, 0f32);
+            for ((x, g), w) in x.iter().zip(g).zip(w) {
+                let gw = g * w;
+                sum_gw += gw;
+                sum_gw_xhat += gw * (x - mean) * inv;
+            }
+            let (mean_gw, mean_gw_xhat) = (sum_gw / n, sum_gw_xhat / n);
+            for (((o, x), g), w) in row.iter_mut().zip(x).zip(g).zip(w) {
+                let xhat = (x - mean) * inv;
+                *o = inv * (g * w - mean_gw - xhat * mean_gw_xhat);
+            }
+        });
+        let sums = column_sums(2 * width, rows, |i, acc| {
+            let (x, g) = (&x[i * width..][..width], &g[i * width..][..width]);
+            let (mean, inv) = row_stats(x, self.eps);
+            let (dw, db) = acc.split_at_mut(width);
+            for (j, (x, g)) in x.iter().zip(g).enumerate() {
+                dw[j] += g * (x - mean) * inv;
+                db[j] += g;
+            }
+        });
+        params.copy_from_slice(&sums);
+        Ok((CpuStorage::F32(out), Shape::from(((rows + 2) * width,))))
+    }
+}
+
+/// `d quick_gelu(x) / dx` times `g`: `g (s + 1.702 x s (1 - s))`, `s = sigmoid(1.702 x)`.
+pub(crate) fn quick_gelu_grad(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2_no_bwd(&g.contiguous()?, &QuickGeluGrad)
+}
+
+struct QuickGeluGrad;
+
+impl CustomOp2 for QuickGeluGrad {
+    fn name(&self) -> &'static str {
+        "fused-quick-gelu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let g = slice(s2, l2, self.name())?;
+        let mut out = vec![0f32; x.len()];
+        let block = GRAIN.min(x.len().max(1));
+        rows_of(&mut out, block, |i, chunk| {
+            let start = i * block;
+            for ((o, x), g) in chunk.iter_mut().zip(&x[start..]).zip(&g[start..]) {
+                let s = 1.0 / (1.0 + (-1.702 * x).exp());
+                *o = g * (s + 1.702 * x * s * (1.0 - s));
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `y + bias` over the last dimension, differentiable: the bias gradient is a fused column sum instead of
+/// candle's strided reduction.
+pub(crate) fn add_bias(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    y.contiguous()?.apply_op2(&bias.contiguous()?, BiasAdd)
+}
+
+struct BiasAdd;
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "fused-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = slice(s1, l1, self.name())?;
+        let b = slice(s2, l2, self.name())?;
+        let width = b.len();
+        if width == 0 || l1.dims().last() != Some(&width) {
+            candle_core::bail!("{}: bias does not match the last dim", self.name());
+        }
+        let mut out = vec![0f32; y.len()];
+        rows_of(&mut out, width, |i, row| {
+            for ((o, y), b) in row.iter_mut().zip(&y[i * width..]).zip(b) {
+                *o = y + b;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let width = bias.elem_count();
+        let g = grad.contiguous()?;
+        let rows = g.elem_count() / width.max(1);
+        let data: Vec<f32> = g.flatten_all()?.to_vec1()?;
+        let sums = column_sums(width, rows, |i, acc| {
+            for (a, v) in acc.iter_mut().zip(&data[i * width..][..width]) {
+                *a += v;
+            }
+        });
+        let db = Tensor::from_vec(sums, bias.shape(), bias.device())?;
+        Ok((Some(grad.clone()), Some(db)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var, D};
+
+    use crate::nn;
+
+    fn close(a: &candle_core::Tensor, b: &candle_core::Tensor, what: &str) {
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = diff.to_scalar::<f32>().unwrap();
+        assert!(
+            diff <= 1e-5 * (1.0 + scale),
+            "{what}: off by {diff} (scale {scale})"
+        );
+    }
+
+    /// Outputs and gradients of `f` at `inputs` with the fused ops on and off, compared.
+    fn compare(
+        what: &str,
+        inputs: &[candle_core::Tensor],
+        f: impl Fn(&[candle_core::Tensor]) -> candle_core::Tensor,
+    ) {
+        let eval = |on: bool, weights: Option<&candle_core::Tensor>| {
+            let vars: Vec<Var> = inputs
+                .iter()
+                .map(|t| Var::from_tensor(t).unwrap())
+                .collect();
+            let tensors: Vec<candle_core::Tensor> =
+                vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let out = super::with_enabled(on, || f(&tensors));
+            // A weighted sum, so every output element gets a different gradient.
+            let weights = weights.cloned().unwrap_or_else(|| randn(out.dims()));
+            let grads = (&out * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gs: Vec<candle_core::Tensor> = vars
+                .iter()
+                .map(|v| grads.get(v.as_tensor()).expect("a gradient").clone())
+                .collect();
+            (out, weights, gs)
+        };
+        let (out_fused, weights, grads_fused) = eval(true, None);
+        let (out_plain, _, grads_plain) = eval(false, Some(&weights));
+        close(&out_fused, &out_plain, &format!("{what} forward"));
+        for (i, (a, b)) in grads_fused.iter().zip(&grads_plain).enumerate() {
+            close(a, b, &format!("{what} gradient {i}"));
+        }
+    }
+
+    fn randn(shape: &[usize]) -> candle_core::Tensor {
+        candle_core::Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn softmax_gradients_match_the_composite() {
+        let mask = candle_core::Tensor::from_vec(
+            vec![
+                0f32,
+                f32::NEG_INFINITY,
+                0.0,
+                0.0,
+                0.0,
+                0.0,
+                f32::NEG_INFINITY,
+                0.0,
+                0.0,
+            ],
+            (1, 1, 1, 9),
+            &Device::Cpu,
+        )
+        .unwrap();
+        compare("masked softmax", &[randn(&[2, 3, 5, 9])], |t| {
+            nn::attention_softmax(&t[0], 0.125, Some(&mask)).unwrap()
+        });
+        compare("softmax", &[randn(&[7, 130])], |t| {
+            nn::softmax(&t[0]).unwrap()
+        });
+    }
+
+    #[test]
+    fn layer_norm_gradients_match_the_composite() {
+        for rows in [3, 2000] {
+            compare(
+                "layer norm",
+                &[randn(&[rows, 48]), randn(&[48]), randn(&[48])],
+                |t| {
+                    let ln = nn::LayerNorm::from_weights(t[1].clone(), t[2].clone());
+                    candle_core::Module::forward(&ln, &t[0]).unwrap()
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn quick_gelu_and_bias_gradients_match_the_composite() {
+        compare("quick gelu", &[randn(&[5, 40000])], |t| {
+            nn::quick_gelu(&t[0]).unwrap()
+        });
+        compare(
+            "linear",
+            &[randn(&[4, 6, 24]), randn(&[10, 24]), randn(&[10])],
+            |t| {
+                let lin = nn::Linear::from_weights(t[1].clone(), Some(t[2].clone()));
+                candle_core::Module::forward(&lin, &t[0]).unwrap()
+            },
+        );
+        let x = randn(&[3, 4]);
+        assert_eq!(nn::softmax(&x).unwrap().sum(D::Minus1).unwrap().dims(), [3]);
+    }
+}
