@@ -62,7 +62,7 @@ impl Precision {
         let precision = match self {
             Self::F32 => LibPrecision::F32,
             Self::Bf16 => {
-                if !clip4str::nn::bf16::native_supported() {
+                if !clip4str::nn::packed::native_supported() {
                     eprintln!(
                         "warning: this CPU lacks AVX512-BF16; --precision bf16 runs an emulation that is \
                          slower than f32"

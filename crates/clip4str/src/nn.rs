@@ -4,9 +4,12 @@
 //! `softmax_last_dim` drop gradients silently, and the same modules serve training. Inference (inputs that
 //! track no gradient) takes the kernels of [`fused`] instead, which refuse anything that does.
 
-pub mod bf16;
 pub mod fused;
 pub mod fused_grad;
+pub mod packed;
+
+/// The bf16 linear layers' switch and support check (see [`packed`]).
+pub use packed as bf16;
 
 use std::sync::{Arc, OnceLock};
 
@@ -80,7 +83,9 @@ pub struct Linear {
     bias: Option<Tensor>,
     /// The weight packed for [`bf16`] mode, made on first use and shared by clones; `None` when it cannot
     /// be (trainable weights, whose values change).
-    packed: Arc<OnceLock<Option<bf16::PackedLinear>>>,
+    packed: Arc<OnceLock<Option<packed::PackedLinear>>>,
+    /// The weight in f32 panels for inference, likewise (`None` also on CPUs without AVX-512).
+    packed_f32: Arc<OnceLock<Option<packed::PackedLinearF32>>>,
 }
 
 impl Linear {
@@ -98,7 +103,21 @@ impl Linear {
             weight,
             bias,
             packed: Arc::new(OnceLock::new()),
+            packed_f32: Arc::new(OnceLock::new()),
         }
+    }
+
+    fn packed_f32(&self) -> Option<&packed::PackedLinearF32> {
+        self.packed_f32
+            .get_or_init(|| {
+                if self.weight.track_op() || !self.weight.device().is_cpu() {
+                    return None;
+                }
+                packed::PackedLinearF32::new(&self.weight, self.bias.as_ref())
+                    .ok()
+                    .flatten()
+            })
+            .as_ref()
     }
 
     fn packed(&self) -> Option<&bf16::PackedLinear> {
@@ -107,7 +126,7 @@ impl Linear {
                 if self.weight.track_op() || !self.weight.device().is_cpu() {
                     return None;
                 }
-                bf16::PackedLinear::new(&self.weight, self.bias.as_ref()).ok()
+                packed::PackedLinear::new(&self.weight, self.bias.as_ref()).ok()
             })
             .as_ref()
     }
@@ -115,8 +134,17 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if bf16::bf16_enabled() {
+        if packed::bf16_enabled() {
             if let Some(y) = self.packed().map(|p| p.forward(x)).transpose()?.flatten() {
+                return Ok(y);
+            }
+        } else if fused::enabled() && x.dtype() == DType::F32 && !x.track_op() {
+            if let Some(y) = self
+                .packed_f32()
+                .map(|p| p.forward(x))
+                .transpose()?
+                .flatten()
+            {
                 return Ok(y);
             }
         }

@@ -1,10 +1,14 @@
-//! bf16 matrix products for inference: weights and activations rounded to bfloat16, products accumulated in
-//! f32 (what `torch.autocast(bfloat16)` does for `nn.Linear` on CPU).
+//! Linear layers for inference with weights packed once into column panels, in f32 or bf16.
 //!
-//! candle's CPU backend widens bf16 to f32 before multiplying, which gains nothing; this module packs each
-//! linear layer's weight once into bf16 column panels and multiplies with AVX512-BF16 `vdpbf16ps` (two
-//! multiply-adds per lane and instruction), picked at run time. CPUs without AVX512-BF16 get a portable
-//! kernel with the same rounding, much slower than f32: there bf16 mode is for checking, not for speed.
+//! f32: candle's GEMM re-packs the weight on every call, which dominates when few rows go through a layer
+//! (decoding steps, the 16-token text encoder); the pre-packed AVX-512 kernel streams the weight once.
+//! CPUs without AVX-512 keep candle's path.
+//!
+//! bf16: weights and activations rounded to bfloat16, products accumulated in f32 (what
+//! `torch.autocast(bfloat16)` does for `nn.Linear` on CPU). candle's CPU backend widens bf16 to f32 before
+//! multiplying, which gains nothing; here AVX512-BF16 `vdpbf16ps` does two multiply-adds per lane and
+//! instruction, picked at run time. CPUs without AVX512-BF16 get a portable kernel with the same rounding,
+//! much slower than f32: there bf16 mode is for checking, not for speed.
 //!
 //! bf16 mode is per thread and scoped ([`with_bf16`]): a recognizer turns it on around its own forward
 //! passes, so two recognizers of one process can use different precisions. Like the fused kernels, the
@@ -45,7 +49,22 @@ pub fn bf16_enabled() -> bool {
     BF16_ON.with(Cell::get)
 }
 
-/// Whether this CPU has the AVX512-BF16 instructions the fast kernel needs.
+/// Whether this CPU has AVX-512F, which the packed f32 kernel needs.
+pub fn f32_supported() -> bool {
+    static AVX512: OnceLock<bool> = OnceLock::new();
+    *AVX512.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Whether this CPU has the AVX512-BF16 instructions the fast bf16 kernel needs.
 pub fn native_supported() -> bool {
     static NATIVE: OnceLock<bool> = OnceLock::new();
     *NATIVE.get_or_init(|| {
@@ -313,13 +332,7 @@ unsafe fn tile_avx512<const R: usize>(
     }
     let bias0 = _mm512_loadu_ps(bias.as_ptr());
     let bias1 = _mm512_loadu_ps(bias.as_ptr().add(16));
-    let (m0, m1) = if cols >= PANEL {
-        (0xFFFF, 0xFFFF)
-    } else {
-        let lo = cols.min(16);
-        let hi = cols.saturating_sub(16);
-        (((1u32 << lo) - 1) as u16, ((1u32 << hi) - 1) as u16)
-    };
+    let (m0, m1) = column_masks(cols);
     for (r, acc) in acc.iter().enumerate() {
         let row = c.add(r * ldc);
         _mm512_mask_storeu_ps(row, m0, _mm512_add_ps(acc[0], bias0));
@@ -381,6 +394,193 @@ impl CustomOp1 for Bf16Matmul<'_> {
         debug_assert_eq!(x.len(), m * k);
         let mut out = vec![0f32; m * self.packed.n];
         self.packed.run(x, m, &mut out, self.native);
+        Ok((CpuStorage::F32(out), Shape::from((m, self.packed.n))))
+    }
+}
+
+/// A linear layer's weight `[N, K]` and bias `[N]` in f32 column panels: for each input `k`, the 32 columns'
+/// values side by side (two 512-bit registers). Columns past the weight's size are zeros.
+pub struct PackedLinearF32 {
+    n: usize,
+    k: usize,
+    data: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl std::fmt::Debug for PackedLinearF32 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedLinearF32")
+            .field("out", &self.n)
+            .field("in", &self.k)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PackedLinearF32 {
+    /// Packs `weight [N, K]` and the optional `bias [N]`; `None` on CPUs without AVX-512F.
+    pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Self>> {
+        if !f32_supported() {
+            return Ok(None);
+        }
+        let (n, k) = weight.dims2()?;
+        let w: Vec<f32> = weight
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let panels = n.div_ceil(PANEL);
+        let mut data = vec![0f32; panels * k * PANEL];
+        for col in 0..n {
+            let (panel, c) = (col / PANEL, col % PANEL);
+            for (i, &v) in w[col * k..(col + 1) * k].iter().enumerate() {
+                data[(panel * k + i) * PANEL + c] = v;
+            }
+        }
+        let mut padded = vec![0f32; panels * PANEL];
+        if let Some(b) = bias {
+            let b: Vec<f32> = b.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+            if b.len() != n {
+                candle_core::bail!(
+                    "packed linear: bias has {} entries, the weight {n} rows",
+                    b.len()
+                );
+            }
+            padded[..n].copy_from_slice(&b);
+        }
+        Ok(Some(Self {
+            n,
+            k,
+            data,
+            bias: padded,
+        }))
+    }
+
+    /// `x W^T + b` for `x [.., K]`; `None` when `x` is not an f32 CPU tensor outside an autograd graph.
+    pub fn forward(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if !super::fused::inference_only(&[x]) {
+            return Ok(None);
+        }
+        let dims = x.dims();
+        if dims.last() != Some(&self.k) {
+            candle_core::bail!(
+                "packed linear: input has {:?} features, the layer takes {}",
+                dims.last(),
+                self.k
+            );
+        }
+        let x = x.contiguous()?;
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("rank >= 1") = self.n;
+        let y = x
+            .reshape((rows, self.k))?
+            .apply_op1_no_bwd(&F32Matmul { packed: self })?;
+        y.reshape(out_dims).map(Some)
+    }
+
+    fn run(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        let panels = self.n.div_ceil(PANEL);
+        let chunks = m.div_ceil(ROW_CHUNK);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let task = |t: usize| {
+            let (chunk, panel) = (t / panels, t % panels);
+            let first = chunk * ROW_CHUNK;
+            let last = (first + ROW_CHUNK).min(m);
+            let cols = (self.n - panel * PANEL).min(PANEL);
+            let b = &self.data[panel * self.k * PANEL..(panel + 1) * self.k * PANEL];
+            let bias = &self.bias[panel * PANEL..(panel + 1) * PANEL];
+            let mut row = first;
+            while row < last {
+                let tile = (last - row).min(ROWS);
+                let tile_a = &x[row * self.k..(row + tile) * self.k];
+                // SAFETY: AVX-512F was checked when packing; tasks write disjoint (row range, panel)
+                // blocks of `out`, which outlives them.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    let c = out_ptr.get().add(row * self.n + panel * PANEL);
+                    macro_rules! tile {
+                        ($($r:literal)*) => {
+                            match tile {
+                                $($r => tile_f32_avx512::<$r>(tile_a, self.k, b, bias, c, self.n, cols),)*
+                                _ => unreachable!("tiles have 1 to 8 rows"),
+                            }
+                        };
+                    }
+                    tile!(1 2 3 4 5 6 7 8);
+                }
+                row += tile;
+            }
+        };
+        if m * self.n * self.k >= 1 << 20 {
+            (0..chunks * panels).into_par_iter().for_each(task);
+        } else {
+            (0..chunks * panels).for_each(task);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_f32_avx512<const R: usize>(
+    a: &[f32],
+    k: usize,
+    b: &[f32],
+    bias: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    let (a_ptr, b_ptr) = (a.as_ptr(), b.as_ptr());
+    for i in 0..k {
+        let b0 = _mm512_loadu_ps(b_ptr.add(i * PANEL));
+        let b1 = _mm512_loadu_ps(b_ptr.add(i * PANEL + 16));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let x = _mm512_set1_ps(*a_ptr.add(r * k + i));
+            acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);
+            acc[1] = _mm512_fmadd_ps(x, b1, acc[1]);
+        }
+    }
+    let bias0 = _mm512_loadu_ps(bias.as_ptr());
+    let bias1 = _mm512_loadu_ps(bias.as_ptr().add(16));
+    let (m0, m1) = column_masks(cols);
+    for (r, acc) in acc.iter().enumerate() {
+        let row = c.add(r * ldc);
+        _mm512_mask_storeu_ps(row, m0, _mm512_add_ps(acc[0], bias0));
+        _mm512_mask_storeu_ps(row.add(16), m1, _mm512_add_ps(acc[1], bias1));
+    }
+}
+
+/// Store masks of the two 16-column halves of a panel with `cols` valid columns.
+fn column_masks(cols: usize) -> (u16, u16) {
+    if cols >= PANEL {
+        (0xFFFF, 0xFFFF)
+    } else {
+        let lo = cols.min(16);
+        let hi = cols.saturating_sub(16);
+        (((1u32 << lo) - 1) as u16, ((1u32 << hi) - 1) as u16)
+    }
+}
+
+struct F32Matmul<'a> {
+    packed: &'a PackedLinearF32,
+}
+
+impl CustomOp1 for F32Matmul<'_> {
+    fn name(&self) -> &'static str {
+        "packed-f32-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("packed-f32-linear: expected f32 input");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("packed-f32-linear: expected contiguous input");
+        };
+        let (m, _) = layout.shape().dims2()?;
+        let mut out = vec![0f32; m * self.packed.n];
+        self.packed.run(&data[start..end], m, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((m, self.packed.n))))
     }
 }
@@ -456,6 +656,28 @@ mod tests {
             (300, 256, 96),
         ] {
             check(m, k, n);
+        }
+    }
+
+    #[test]
+    fn packed_f32_matches_the_plain_product() {
+        let dev = Device::Cpu;
+        for &(m, k, n) in &[(1, 3, 1), (5, 64, 33), (9, 100, 70), (200, 48, 96)] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+            let w = Tensor::randn(0f32, 0.1, (n, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+            let Some(packed) = PackedLinearF32::new(&w, Some(&b)).unwrap() else {
+                eprintln!("skipped: this CPU lacks AVX-512F");
+                return;
+            };
+            let got = packed.forward(&x).unwrap().unwrap();
+            let want = x
+                .matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap();
+            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-4, "{m}x{k}x{n}");
         }
     }
 
