@@ -224,7 +224,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         Steps::Seven => "7",
         Steps::Auto => "auto",
     };
-    let build = clip4str::GEMM_BACKEND;
+    let build = if clip4str::nn::packed::f32_supported() {
+        format!(
+            "{}; linear layers: clip4str packed AVX-512",
+            clip4str::GEMM_BACKEND
+        )
+    } else {
+        clip4str::GEMM_BACKEND.to_string()
+    };
 
     match args.format {
         BenchFormat::Json => {
