@@ -21,22 +21,26 @@ pub struct TrainArgs {
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Override run.output_dir.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     pub output_dir: Option<PathBuf>,
-    /// Override optim.max_steps.
+    /// Override optim.max_steps; with --resume, re-plans the learning-rate schedule of the run (saved to its
+    /// config.toml).
     #[arg(long)]
     pub max_steps: Option<usize>,
+    /// Stop (and save) once this many steps are done, leaving the schedule as planned.
+    #[arg(long, value_name = "STEP")]
+    pub stop_at: Option<usize>,
     /// Override optim.batch_size.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     pub batch_size: Option<usize>,
     /// Override optim.lr (before the linear scaling rule).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     pub lr: Option<f64>,
     /// Override run.val_interval.
     #[arg(long)]
     pub val_interval: Option<usize>,
     /// Override run.seed.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     pub seed: Option<u64>,
 }
 
@@ -141,10 +145,32 @@ fn draw_loss(path: &Path, history: &[StepMetrics]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes a resumed run's new schedule length and validation interval into its `config.toml`.
+fn replan(dir: &Path, max_steps: Option<usize>, val_interval: Option<usize>) -> anyhow::Result<()> {
+    let path = dir.join("config.toml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut cfg =
+        TrainConfig::from_toml(&text).with_context(|| format!("parsing {}", path.display()))?;
+    if let Some(s) = max_steps {
+        cfg.optim.max_steps = Some(s);
+    }
+    if let Some(v) = val_interval {
+        cfg.run.val_interval = v;
+    }
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, cfg.to_toml()?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
 /// Runs `train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let mut trainer = match (&args.resume, &args.config) {
         (Some(dir), _) => {
+            if args.max_steps.is_some() || args.val_interval.is_some() {
+                replan(dir, args.max_steps, args.val_interval)?;
+            }
             Trainer::resume(dir).with_context(|| format!("resuming {}", dir.display()))?
         }
         (None, Some(path)) => {
@@ -175,6 +201,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         (None, None) => anyhow::bail!("give --config FILE.toml or --resume DIR"),
     };
 
+    if let Some(step) = args.stop_at {
+        trainer.set_stop_at(step)?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();

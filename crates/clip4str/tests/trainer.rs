@@ -184,6 +184,44 @@ fn sincos_positional_init_starts_from_the_table() {
     std::fs::remove_dir_all(&root).ok();
 }
 
+/// `set_stop_at` ends a run part-way with `last` saved and the schedule untouched; resuming finishes it with
+/// the same learning rates as an uninterrupted run.
+#[test]
+fn stop_at_saves_part_way_and_keeps_the_schedule() {
+    let root = std::env::temp_dir().join(format!("clip4str-stopat-{}", std::process::id()));
+    std::fs::remove_dir_all(&root).ok();
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    make_lmdb(&data);
+    let config = |out: &str| {
+        let text = CONFIG
+            .replace("TRAIN", data.to_str().unwrap())
+            .replace("VAL", data.to_str().unwrap())
+            .replace("OUT", root.join(out).to_str().unwrap())
+            .replace("val_interval = 2", "val_interval = 100");
+        TrainConfig::from_toml(&text).unwrap()
+    };
+    let stop = AtomicBool::new(false);
+    let mut whole = Trainer::new(config("whole")).unwrap();
+    whole.run(&mut Quiet, &stop).unwrap();
+    let mut part = Trainer::new(config("part")).unwrap();
+    part.set_stop_at(3).unwrap();
+    part.run(&mut Quiet, &stop).unwrap();
+    assert_eq!(part.step(), 3);
+    assert_eq!(part.total_steps(), 4);
+    let last: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("part/last.json")).unwrap())
+            .unwrap();
+    assert_eq!(last["step"], 3);
+    assert!(part.set_stop_at(2).is_err());
+    let mut rest = Trainer::resume(&root.join("part")).unwrap();
+    rest.run(&mut Quiet, &stop).unwrap();
+    assert_eq!(rest.step(), 4);
+    let lrs = |t: &Trainer| -> Vec<f64> { t.history().iter().map(|m| m.lr).collect() };
+    assert_eq!(lrs(&rest), lrs(&whole));
+    std::fs::remove_dir_all(&root).ok();
+}
+
 /// The auxiliary CTC head trains with the model, is saved and restored with the optimizer state, and never
 /// reaches the exported weights (which must load as a plain CLIP4STR).
 #[test]

@@ -339,6 +339,8 @@ pub struct Trainer {
     ctc: Option<CtcHead>,
     state: RunState,
     total_steps: usize,
+    /// Step at which [`Trainer::run`] stops and saves, leaving the schedule as it is.
+    stop_at: Option<usize>,
     history: Vec<StepMetrics>,
     device: Device,
 }
@@ -540,6 +542,7 @@ impl Trainer {
             ctc,
             state,
             total_steps,
+            stop_at: None,
             history: Vec::new(),
             device,
         })
@@ -593,6 +596,20 @@ impl Trainer {
         self.total_steps
     }
 
+    /// Makes [`Self::run`] stop and save `last` once `step` steps are done, without changing the learning-rate
+    /// schedule (which still plans `total_steps`): to reproduce a checkpoint taken part-way, or to train in
+    /// slices. A step already passed is an error.
+    pub fn set_stop_at(&mut self, step: usize) -> Result<(), TrainError> {
+        if step <= self.state.step {
+            return Err(TrainError::Config(format!(
+                "cannot stop at step {step}: the run is already at step {}",
+                self.state.step
+            )));
+        }
+        self.stop_at = Some(step);
+        Ok(())
+    }
+
     /// Training samples after label filtering.
     pub fn num_train_samples(&self) -> usize {
         self.loader.len()
@@ -620,7 +637,11 @@ impl Trainer {
         let mut window_steps = 0usize;
         let mut window_images = 0usize;
         let mut window_start = Instant::now();
-        while self.state.step < self.total_steps && !stop.load(Ordering::Relaxed) {
+        let end = self
+            .stop_at
+            .map_or(self.total_steps, |s| s.min(self.total_steps));
+        let mut saved_at = None;
+        while self.state.step < end && !stop.load(Ordering::Relaxed) {
             let lr = self.schedule.lrs()?;
             self.schedule.apply(&mut self.optimizer)?;
             let mut accumulated: Option<candle_core::backprop::GradStore> = None;
@@ -727,6 +748,7 @@ impl Trainer {
                         self.save("best", &m)?;
                     }
                     self.save_last(&m)?;
+                    saved_at = Some(step);
                     observer.on_validation(&m, &self.history);
                 }
                 window_loss = 0.0;
@@ -735,8 +757,10 @@ impl Trainer {
                 window_start = Instant::now();
             }
         }
-        // Interrupted between validations (possibly before the first log line): keep what was learned.
-        if stop.load(Ordering::Relaxed) && self.state.step > 0 {
+        // Interrupted, or stopped early by `stop_at`, between validations (possibly before the first log
+        // line): keep what was learned.
+        let stopped_early = stop.load(Ordering::Relaxed) || self.state.step < self.total_steps;
+        if stopped_early && self.state.step > 0 && saved_at != Some(self.state.step) {
             let secs = window_start.elapsed().as_secs_f64().max(1e-9);
             let previous = self.history.last();
             let m = StepMetrics {
