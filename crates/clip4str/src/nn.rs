@@ -11,6 +11,23 @@ pub mod packed;
 /// The bf16 linear layers' switch and support check (see [`packed`]).
 pub use packed as bf16;
 
+/// Runs `f` with the per-thread switch `flag` set to `on`, restoring its previous value afterwards (also when
+/// `f` panics).
+fn with_thread_flag<T>(
+    flag: &'static std::thread::LocalKey<std::cell::Cell<bool>>,
+    on: bool,
+    f: impl FnOnce() -> T,
+) -> T {
+    struct Restore(&'static std::thread::LocalKey<std::cell::Cell<bool>>, bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            self.0.with(|c| c.set(self.1));
+        }
+    }
+    let _restore = Restore(flag, flag.with(|c| c.replace(on)));
+    f()
+}
+
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Module, Result, Tensor, D};

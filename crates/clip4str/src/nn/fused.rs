@@ -196,10 +196,10 @@ impl Isa {
 }
 
 /// Elements below which a kernel stays on the calling thread, and the least work per rayon task.
-const PARALLEL_GRAIN: usize = 16 * 1024;
+pub(super) const PARALLEL_GRAIN: usize = 16 * 1024;
 
 /// Runs `row(i, out_row)` for every row of `out`, in parallel when there is enough work.
-fn for_each_row(out: &mut [f32], width: usize, row: impl Fn(usize, &mut [f32]) + Sync) {
+pub(super) fn for_each_row(out: &mut [f32], width: usize, row: impl Fn(usize, &mut [f32]) + Sync) {
     if width == 0 {
         return;
     }
@@ -216,7 +216,11 @@ fn for_each_row(out: &mut [f32], width: usize, row: impl Fn(usize, &mut [f32]) +
 }
 
 /// The contiguous f32 data of a storage under `layout`.
-fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(super) fn contiguous<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else {
         candle_core::bail!("{op}: expected f32 input");
     };

@@ -34,14 +34,7 @@ thread_local! {
 /// Runs `f` with bf16 linear layers on this thread when `on`, restoring the previous setting afterwards
 /// (also when `f` panics).
 pub fn with_bf16<T>(on: bool, f: impl FnOnce() -> T) -> T {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            BF16_ON.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(BF16_ON.with(|c| c.replace(on)));
-    f()
+    super::with_thread_flag(&BF16_ON, on, f)
 }
 
 /// Whether linear layers run in bf16 on this thread (see [`with_bf16`]).
@@ -93,6 +86,98 @@ fn from_bf16_bits(b: u16) -> f32 {
     f32::from_bits(u32::from(b) << 16)
 }
 
+/// The weight as f32 rows `[N][K]` and the bias zero-padded to whole panels (zeros without a bias).
+fn weight_and_bias(
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<(usize, usize, Vec<f32>, Vec<f32>)> {
+    let (n, k) = weight.dims2()?;
+    let w: Vec<f32> = weight
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    let mut padded = vec![0f32; n.div_ceil(PANEL) * PANEL];
+    if let Some(b) = bias {
+        let b: Vec<f32> = b.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        if b.len() != n {
+            candle_core::bail!(
+                "packed linear: bias has {} entries, the weight {n} rows",
+                b.len()
+            );
+        }
+        padded[..n].copy_from_slice(&b);
+    }
+    Ok((n, k, w, padded))
+}
+
+/// Applies the packed product `op` to `x [.., K]` as `[rows, K]` and restores the leading dims with `n`
+/// features; `None` when `x` is not an f32 CPU tensor outside an autograd graph.
+fn forward_rows(x: &Tensor, k: usize, n: usize, op: &impl CustomOp1) -> Result<Option<Tensor>> {
+    if !super::fused::inference_only(&[x]) {
+        return Ok(None);
+    }
+    let dims = x.dims();
+    if dims.last() != Some(&k) {
+        candle_core::bail!(
+            "packed linear: input has {:?} features, the layer takes {k}",
+            dims.last()
+        );
+    }
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("rank >= 1") = n;
+    let y = x.contiguous()?.reshape((rows, k))?.apply_op1_no_bwd(op)?;
+    y.reshape(out_dims).map(Some)
+}
+
+/// Runs a packed product's `cpu_fwd`: `run(x [M, K], M, out [M, N])` on the op's contiguous input.
+fn run_rows(
+    storage: &CpuStorage,
+    layout: &Layout,
+    op: &str,
+    n: usize,
+    run: impl FnOnce(&[f32], usize, &mut [f32]),
+) -> Result<(CpuStorage, Shape)> {
+    let x = super::fused::contiguous(storage, layout, op)?;
+    let (m, _) = layout.shape().dims2()?;
+    let mut out = vec![0f32; m * n];
+    run(x, m, &mut out);
+    Ok((CpuStorage::F32(out), Shape::from((m, n))))
+}
+
+/// Calls `tile(row, rows, panel, cols, c)` for every micro-tile (up to 8 rows by one 32-column panel) of an
+/// `[M, N]` product into `out`, where `c` points at the tile's first output; rayon tasks take row chunks x
+/// panels when the product is big enough. Tiles are disjoint, so each may write its own block through `c`.
+fn for_each_tile(
+    m: usize,
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+    tile: impl Fn(usize, usize, usize, usize, *mut f32) + Sync,
+) {
+    let panels = n.div_ceil(PANEL);
+    let chunks = m.div_ceil(ROW_CHUNK);
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let task = |t: usize| {
+        let (chunk, panel) = (t / panels, t % panels);
+        let last = ((chunk + 1) * ROW_CHUNK).min(m);
+        let cols = (n - panel * PANEL).min(PANEL);
+        let mut row = chunk * ROW_CHUNK;
+        while row < last {
+            let rows = (last - row).min(ROWS);
+            // SAFETY: `row < m` and `panel * PANEL < n`, so the offset lies inside `out`.
+            let c = unsafe { out_ptr.get().add(row * n + panel * PANEL) };
+            tile(row, rows, panel, cols, c);
+            row += rows;
+        }
+    };
+    if m * n * k >= 1 << 20 {
+        (0..chunks * panels).into_par_iter().for_each(task);
+    } else {
+        (0..chunks * panels).for_each(task);
+    }
+}
+
 /// A linear layer's weight `[N, K]` (and bias `[N]`) rounded to bf16 and laid out for the kernel: panels of
 /// 32 output columns; inside a panel, for each pair of inputs `(2p, 2p+1)`, the 32 columns' two values
 /// side by side (one 512-bit register). Columns and inputs past the weight's size are zeros.
@@ -116,14 +201,9 @@ impl std::fmt::Debug for PackedLinear {
 impl PackedLinear {
     /// Packs `weight [N, K]` and the optional `bias [N]` (any float dtype).
     pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
-        let (n, k) = weight.dims2()?;
-        let w: Vec<f32> = weight
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
+        let (n, k, w, bias) = weight_and_bias(weight, bias)?;
         let pairs = k.div_ceil(2);
-        let panels = n.div_ceil(PANEL);
-        let mut data = vec![0u16; panels * pairs * PANEL * 2];
+        let mut data = vec![0u16; n.div_ceil(PANEL) * pairs * PANEL * 2];
         for col in 0..n {
             let (panel, c) = (col / PANEL, col % PANEL);
             for (i, &v) in w[col * k..(col + 1) * k].iter().enumerate() {
@@ -131,23 +211,12 @@ impl PackedLinear {
                 data[((panel * pairs + p) * PANEL + c) * 2 + e] = to_bf16_bits(v);
             }
         }
-        let mut padded = vec![0f32; panels * PANEL];
-        if let Some(b) = bias {
-            let b: Vec<f32> = b.to_dtype(candle_core::DType::F32)?.to_vec1()?;
-            if b.len() != n {
-                candle_core::bail!(
-                    "bf16 linear: bias has {} entries, the weight {n} rows",
-                    b.len()
-                );
-            }
-            padded[..n].copy_from_slice(&b);
-        }
         Ok(Self {
             n,
             k,
             pairs,
             data,
-            bias: padded,
+            bias,
         })
     }
 
@@ -159,26 +228,11 @@ impl PackedLinear {
     /// `x W^T + b` for `x [.., K]` (f32, any rank); `None` when `x` is not an f32 CPU tensor outside an
     /// autograd graph, so the caller runs its f32 path.
     pub fn forward(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        if !super::fused::inference_only(&[x]) {
-            return Ok(None);
-        }
-        let dims = x.dims();
-        if dims.last() != Some(&self.k) {
-            candle_core::bail!(
-                "bf16 linear: input has {:?} features, the layer takes {}",
-                dims.last(),
-                self.k
-            );
-        }
-        let x = x.contiguous()?;
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("rank >= 1") = self.n;
-        let y = x.reshape((rows, self.k))?.apply_op1_no_bwd(&Bf16Matmul {
+        let op = Bf16Matmul {
             packed: self,
             native: native_supported(),
-        })?;
-        y.reshape(out_dims).map(Some)
+        };
+        forward_rows(x, self.k, self.n, &op)
     }
 
     /// `x [M, K]` (row-major f32) times the packed weight into `out [M, N]`, plus bias.
@@ -195,35 +249,14 @@ impl PackedLinear {
         } else {
             a.chunks_mut(width).enumerate().for_each(convert);
         }
-        let panels = self.n.div_ceil(PANEL);
-        let chunks = m.div_ceil(ROW_CHUNK);
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        let task = |t: usize| {
-            let (chunk, panel) = (t / panels, t % panels);
-            let first = chunk * ROW_CHUNK;
-            let last = (first + ROW_CHUNK).min(m);
-            let cols = (self.n - panel * PANEL).min(PANEL);
-            let b =
-                &self.data[panel * self.pairs * PANEL * 2..(panel + 1) * self.pairs * PANEL * 2];
+        let panel_len = self.pairs * PANEL * 2;
+        for_each_tile(m, self.n, self.k, out, |row, rows, panel, cols, c| {
+            let b = &self.data[panel * panel_len..(panel + 1) * panel_len];
             let bias = &self.bias[panel * PANEL..(panel + 1) * PANEL];
-            let mut row = first;
-            while row < last {
-                let tile = (last - row).min(ROWS);
-                let tile_a = &a[row * width..(row + tile) * width];
-                // SAFETY: tasks write disjoint (row range, panel) blocks of `out`, which outlives them.
-                unsafe {
-                    let c = out_ptr.get().add(row * self.n + panel * PANEL);
-                    micro_tile(tile, tile_a, self.pairs, b, bias, c, self.n, cols, native);
-                }
-                row += tile;
-            }
-        };
-        let work = m * self.n * self.k;
-        if work >= 1 << 20 {
-            (0..chunks * panels).into_par_iter().for_each(task);
-        } else {
-            (0..chunks * panels).for_each(task);
-        }
+            let tile_a = &a[row * width..(row + rows) * width];
+            // SAFETY: `c` is this tile's own block of `out` (see `for_each_tile`).
+            unsafe { micro_tile(rows, tile_a, self.pairs, b, bias, c, self.n, cols, native) };
+        });
     }
 }
 
@@ -383,18 +416,9 @@ impl CustomOp1 for Bf16Matmul<'_> {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("bf16-linear: expected f32 input");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("bf16-linear: expected contiguous input");
-        };
-        let (m, k) = layout.shape().dims2()?;
-        let x = &data[start..end];
-        debug_assert_eq!(x.len(), m * k);
-        let mut out = vec![0f32; m * self.packed.n];
-        self.packed.run(x, m, &mut out, self.native);
-        Ok((CpuStorage::F32(out), Shape::from((m, self.packed.n))))
+        run_rows(storage, layout, self.name(), self.packed.n, |x, m, out| {
+            self.packed.run(x, m, out, self.native);
+        })
     }
 }
 
@@ -422,99 +446,42 @@ impl PackedLinearF32 {
         if !f32_supported() {
             return Ok(None);
         }
-        let (n, k) = weight.dims2()?;
-        let w: Vec<f32> = weight
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
-        let panels = n.div_ceil(PANEL);
-        let mut data = vec![0f32; panels * k * PANEL];
+        let (n, k, w, bias) = weight_and_bias(weight, bias)?;
+        let mut data = vec![0f32; n.div_ceil(PANEL) * k * PANEL];
         for col in 0..n {
             let (panel, c) = (col / PANEL, col % PANEL);
             for (i, &v) in w[col * k..(col + 1) * k].iter().enumerate() {
                 data[(panel * k + i) * PANEL + c] = v;
             }
         }
-        let mut padded = vec![0f32; panels * PANEL];
-        if let Some(b) = bias {
-            let b: Vec<f32> = b.to_dtype(candle_core::DType::F32)?.to_vec1()?;
-            if b.len() != n {
-                candle_core::bail!(
-                    "packed linear: bias has {} entries, the weight {n} rows",
-                    b.len()
-                );
-            }
-            padded[..n].copy_from_slice(&b);
-        }
-        Ok(Some(Self {
-            n,
-            k,
-            data,
-            bias: padded,
-        }))
+        Ok(Some(Self { n, k, data, bias }))
     }
 
     /// `x W^T + b` for `x [.., K]`; `None` when `x` is not an f32 CPU tensor outside an autograd graph.
     pub fn forward(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        if !super::fused::inference_only(&[x]) {
-            return Ok(None);
-        }
-        let dims = x.dims();
-        if dims.last() != Some(&self.k) {
-            candle_core::bail!(
-                "packed linear: input has {:?} features, the layer takes {}",
-                dims.last(),
-                self.k
-            );
-        }
-        let x = x.contiguous()?;
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("rank >= 1") = self.n;
-        let y = x
-            .reshape((rows, self.k))?
-            .apply_op1_no_bwd(&F32Matmul { packed: self })?;
-        y.reshape(out_dims).map(Some)
+        forward_rows(x, self.k, self.n, &F32Matmul { packed: self })
     }
 
     fn run(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        let panels = self.n.div_ceil(PANEL);
-        let chunks = m.div_ceil(ROW_CHUNK);
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        let task = |t: usize| {
-            let (chunk, panel) = (t / panels, t % panels);
-            let first = chunk * ROW_CHUNK;
-            let last = (first + ROW_CHUNK).min(m);
-            let cols = (self.n - panel * PANEL).min(PANEL);
-            let b = &self.data[panel * self.k * PANEL..(panel + 1) * self.k * PANEL];
+        let panel_len = self.k * PANEL;
+        for_each_tile(m, self.n, self.k, out, |row, rows, panel, cols, c| {
+            let b = &self.data[panel * panel_len..(panel + 1) * panel_len];
             let bias = &self.bias[panel * PANEL..(panel + 1) * PANEL];
-            let mut row = first;
-            while row < last {
-                let tile = (last - row).min(ROWS);
-                let tile_a = &x[row * self.k..(row + tile) * self.k];
-                // SAFETY: AVX-512F was checked when packing; tasks write disjoint (row range, panel)
-                // blocks of `out`, which outlives them.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    let c = out_ptr.get().add(row * self.n + panel * PANEL);
-                    macro_rules! tile {
-                        ($($r:literal)*) => {
-                            match tile {
-                                $($r => tile_f32_avx512::<$r>(tile_a, self.k, b, bias, c, self.n, cols),)*
-                                _ => unreachable!("tiles have 1 to 8 rows"),
-                            }
-                        };
-                    }
-                    tile!(1 2 3 4 5 6 7 8);
+            let tile_a = &x[row * self.k..(row + rows) * self.k];
+            // SAFETY: AVX-512F was checked when packing; `c` is this tile's own block of `out`.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                macro_rules! tile {
+                    ($($r:literal)*) => {
+                        match rows {
+                            $($r => tile_f32_avx512::<$r>(tile_a, self.k, b, bias, c, self.n, cols),)*
+                            _ => unreachable!("tiles have 1 to 8 rows"),
+                        }
+                    };
                 }
-                row += tile;
+                tile!(1 2 3 4 5 6 7 8);
             }
-        };
-        if m * self.n * self.k >= 1 << 20 {
-            (0..chunks * panels).into_par_iter().for_each(task);
-        } else {
-            (0..chunks * panels).for_each(task);
-        }
+        });
     }
 }
 
@@ -572,16 +539,9 @@ impl CustomOp1 for F32Matmul<'_> {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("packed-f32-linear: expected f32 input");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("packed-f32-linear: expected contiguous input");
-        };
-        let (m, _) = layout.shape().dims2()?;
-        let mut out = vec![0f32; m * self.packed.n];
-        self.packed.run(&data[start..end], m, &mut out);
-        Ok((CpuStorage::F32(out), Shape::from((m, self.packed.n))))
+        run_rows(storage, layout, self.name(), self.packed.n, |x, m, out| {
+            self.packed.run(x, m, out);
+        })
     }
 }
 
