@@ -28,7 +28,7 @@ fn with_thread_flag<T>(
     f()
 }
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -96,7 +96,9 @@ impl Module for LayerNorm {
 /// A linear layer `x W^T + b` that accepts inputs of any rank.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    /// `[out, in]`, until inference packs it into f32 panels: the panels hold the same numbers, and keeping
+    /// both doubled the memory of every linear layer (B/16: +0.5 GB). Shared by clones, like the packed forms.
+    weight: Arc<Mutex<Option<Tensor>>>,
     bias: Option<Tensor>,
     /// The weight packed for [`bf16`] mode, made on first use and shared by clones; `None` when it cannot
     /// be (trainable weights, whose values change).
@@ -117,22 +119,44 @@ impl Linear {
     /// Wraps tensors already loaded (e.g. a slice of a fused projection).
     pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
-            weight,
+            weight: Arc::new(Mutex::new(Some(weight))),
             bias,
             packed: Arc::new(OnceLock::new()),
             packed_f32: Arc::new(OnceLock::new()),
         }
     }
 
+    /// The weight `[out, in]`: the loaded tensor, or rebuilt from the f32 panels once those replaced it
+    /// (the paths that still need it then, bf16 packing and the plain-op fallback, are not the fast path).
+    pub fn weight(&self) -> Result<Tensor> {
+        if let Some(w) = self.lock_weight().as_ref() {
+            return Ok(w.clone());
+        }
+        // The weight goes only when packing succeeds; another thread may still be storing the panels.
+        match self.packed_f32.wait() {
+            Some(p) => p.unpack(),
+            None => candle_core::bail!("linear layer lost its weight without packing it"),
+        }
+    }
+
+    fn lock_weight(&self) -> std::sync::MutexGuard<'_, Option<Tensor>> {
+        // A panic while holding the lock cannot leave the Option half-written.
+        self.weight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn packed_f32(&self) -> Option<&packed::PackedLinearF32> {
         self.packed_f32
             .get_or_init(|| {
-                if self.weight.track_op() || !self.weight.device().is_cpu() {
+                let mut weight = self.lock_weight();
+                let w = weight.as_ref()?;
+                if w.track_op() || !w.device().is_cpu() || w.dtype() != DType::F32 {
                     return None;
                 }
-                packed::PackedLinearF32::new(&self.weight, self.bias.as_ref())
+                let packed = packed::PackedLinearF32::new(w, self.bias.as_ref())
                     .ok()
-                    .flatten()
+                    .flatten()?;
+                *weight = None;
+                Some(packed)
             })
             .as_ref()
     }
@@ -140,10 +164,11 @@ impl Linear {
     fn packed(&self) -> Option<&bf16::PackedLinear> {
         self.packed
             .get_or_init(|| {
-                if self.weight.track_op() || !self.weight.device().is_cpu() {
+                let w = self.weight().ok()?;
+                if w.track_op() || !w.device().is_cpu() {
                     return None;
                 }
-                packed::PackedLinear::new(&self.weight, self.bias.as_ref()).ok()
+                packed::PackedLinear::new(&w, self.bias.as_ref()).ok()
             })
             .as_ref()
     }
@@ -168,7 +193,8 @@ impl Module for Linear {
         let dims = x.dims();
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let weight = self.weight()?;
+        let y = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?;
         let y = match &self.bias {
             Some(b) if (y.track_op() || b.track_op()) && fused_grad::trainable(&[&y, b]) => {
                 fused_grad::add_bias(&y, b)?
@@ -177,7 +203,7 @@ impl Module for Linear {
             None => y,
         };
         let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
+        *out_dims.last_mut().expect("rank >= 1") = weight.dim(0)?;
         y.reshape(out_dims)
     }
 }
@@ -353,6 +379,44 @@ pub fn causal_mask(n: usize, device: &candle_core::Device) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn packing_frees_the_weight_and_every_path_still_sees_it() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.1, (70, 45), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 70, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 9, 45), &dev).unwrap();
+        let fresh = || Linear::from_weights(w.clone(), Some(b.clone()));
+        let lin = fresh();
+        let first = lin.forward(&x).unwrap();
+        if !packed::f32_supported() {
+            eprintln!("skipped: this CPU lacks AVX-512F, nothing is packed");
+            return;
+        }
+        assert!(
+            lin.lock_weight().is_none(),
+            "the weight is kept next to its panels"
+        );
+        assert_eq!(
+            lin.weight().unwrap().to_vec2::<f32>().unwrap(),
+            w.to_vec2::<f32>().unwrap()
+        );
+        // A clone shares the packed form; an input that tracks gradients takes candle's matmul on the rebuilt weight.
+        let tracked = candle_core::Var::from_tensor(&x).unwrap();
+        let plain = lin.clone().forward(tracked.as_tensor()).unwrap();
+        let diff = (&plain - &first).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
+        // bf16 packs from the rebuilt weight exactly as from the loaded one.
+        let bf = |l: &Linear| {
+            packed::with_bf16(true, || l.forward(&x))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(bf(&lin), bf(&fresh()));
+    }
 
     #[test]
     fn layer_norm_normalises() -> Result<()> {

@@ -462,6 +462,18 @@ impl PackedLinearF32 {
         forward_rows(x, self.k, self.n, &F32Matmul { packed: self })
     }
 
+    /// The weight `[N, K]` back out of the panels, exactly.
+    pub fn unpack(&self) -> Result<Tensor> {
+        let mut w = vec![0f32; self.n * self.k];
+        for (col, row) in w.chunks_exact_mut(self.k.max(1)).enumerate() {
+            let (panel, c) = (col / PANEL, col % PANEL);
+            for (i, v) in row.iter_mut().enumerate() {
+                *v = self.data[(panel * self.k + i) * PANEL + c];
+            }
+        }
+        Tensor::from_vec(w, (self.n, self.k), &candle_core::Device::Cpu)
+    }
+
     fn run(&self, x: &[f32], m: usize, out: &mut [f32]) {
         let panel_len = self.k * PANEL;
         for_each_tile(m, self.n, self.k, out, |row, rows, panel, cols, c| {
@@ -630,6 +642,8 @@ mod tests {
                 eprintln!("skipped: this CPU lacks AVX-512F");
                 return;
             };
+            let unpacked: Vec<Vec<f32>> = packed.unpack().unwrap().to_vec2().unwrap();
+            assert_eq!(unpacked, w.to_vec2::<f32>().unwrap(), "unpack {n}x{k}");
             let got = packed.forward(&x).unwrap().unwrap();
             let want = x
                 .matmul(&w.t().unwrap())
