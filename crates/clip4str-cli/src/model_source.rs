@@ -18,7 +18,7 @@ use crate::registry::{self, Source};
 /// How the bundled model is named in messages.
 pub const BUNDLED_NAME: &str = "bundled clip4str-small";
 
-/// models/default/clip4str-small.safetensors (f16), trained by models/default/train.toml.
+/// models/default/clip4str-small.safetensors (f16); how it was trained: models/default/README.md.
 static BUNDLED: &[u8] = include_bytes!(concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../models/default/clip4str-small.safetensors"
