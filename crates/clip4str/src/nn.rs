@@ -128,7 +128,7 @@ impl Linear {
 
     /// The weight `[out, in]`: the loaded tensor, or rebuilt from the f32 panels once those replaced it
     /// (the paths that still need it then, bf16 packing and the plain-op fallback, are not the fast path).
-    pub fn weight(&self) -> Result<Tensor> {
+    fn weight(&self) -> Result<Tensor> {
         if let Some(w) = self.lock_weight().as_ref() {
             return Ok(w.clone());
         }

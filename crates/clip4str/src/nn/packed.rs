@@ -431,6 +431,11 @@ pub struct PackedLinearF32 {
     bias: Vec<f32>,
 }
 
+/// Where weight `[col, i]` lives in the f32 panels of a layer with `k` inputs.
+fn f32_panel_index(k: usize, col: usize, i: usize) -> usize {
+    ((col / PANEL) * k + i) * PANEL + col % PANEL
+}
+
 impl std::fmt::Debug for PackedLinearF32 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PackedLinearF32")
@@ -449,9 +454,8 @@ impl PackedLinearF32 {
         let (n, k, w, bias) = weight_and_bias(weight, bias)?;
         let mut data = vec![0f32; n.div_ceil(PANEL) * k * PANEL];
         for col in 0..n {
-            let (panel, c) = (col / PANEL, col % PANEL);
             for (i, &v) in w[col * k..(col + 1) * k].iter().enumerate() {
-                data[(panel * k + i) * PANEL + c] = v;
+                data[f32_panel_index(k, col, i)] = v;
             }
         }
         Ok(Some(Self { n, k, data, bias }))
@@ -466,9 +470,8 @@ impl PackedLinearF32 {
     pub fn unpack(&self) -> Result<Tensor> {
         let mut w = vec![0f32; self.n * self.k];
         for (col, row) in w.chunks_exact_mut(self.k.max(1)).enumerate() {
-            let (panel, c) = (col / PANEL, col % PANEL);
             for (i, v) in row.iter_mut().enumerate() {
-                *v = self.data[(panel * self.k + i) * PANEL + c];
+                *v = self.data[f32_panel_index(self.k, col, i)];
             }
         }
         Tensor::from_vec(w, (self.n, self.k), &candle_core::Device::Cpu)
