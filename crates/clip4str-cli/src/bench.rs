@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use clap::{Args, ValueEnum};
 use clip4str::config::Clip4StrConfig;
 use clip4str::model::{Clip4Str, StageTimings};
@@ -92,12 +92,12 @@ fn sample_png() -> anyhow::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-fn random_model(preset: &str) -> anyhow::Result<(Clip4Str, String)> {
+fn random_model(preset: &str, device: &Device) -> anyhow::Result<(Clip4Str, String)> {
     let cfg = Clip4StrConfig::by_name(preset).with_context(|| {
         format!("unknown preset {preset:?}; choose b16, b32, l14, h14, tiny or small")
     })?;
     let weights: HashMap<String, Tensor> = init_weights(&cfg, 0)?.into_iter().collect();
-    let model = Clip4Str::from_tensors(&cfg, weights)?;
+    let model = Clip4Str::from_tensors(&cfg, weights, device)?;
     Ok((model, format!("{preset} (random weights)")))
 }
 
@@ -148,7 +148,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let (recognizer, model_name) = match &args.preset {
         Some(preset) => {
-            let (model, name) = random_model(preset)?;
+            let (model, name) = random_model(preset, &args.weights.device.open()?)?;
             (
                 Recognizer::from_model(model, args.weights.precision.apply(opts))?,
                 name,

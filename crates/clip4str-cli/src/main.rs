@@ -3,6 +3,7 @@
 mod bench;
 mod convert;
 mod data;
+mod device;
 mod eval;
 mod hub;
 mod model_source;

@@ -11,6 +11,7 @@ use clap::Args;
 use clip4str::checkpoint::read_checkpoint_bytes;
 use clip4str::recognizer::{Precision as LibPrecision, Recognizer, RecognizerOptions};
 
+use crate::device::DeviceArg;
 use crate::hub::{self, HubOptions};
 use crate::read::load_config;
 use crate::registry::{self, Source};
@@ -44,6 +45,10 @@ pub struct ModelArgs {
     /// accumulation; fast with AVX512-BF16, emulated and slow elsewhere).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub precision: Precision,
+    /// Where the model runs: cpu, or cuda / cuda:N (a build with `--features cuda`). `--precision bf16` is
+    /// a CPU path; on a GPU the model runs in f32.
+    #[arg(long, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
 }
 
 /// `--precision` values.
@@ -103,7 +108,10 @@ impl ModelArgs {
 
 /// Loads the weights `args` name; a named Hub model is fetched into the cache first unless `--offline`.
 pub fn load_recognizer(args: &ModelArgs, opts: RecognizerOptions) -> anyhow::Result<Recognizer> {
-    let opts = args.precision.apply(opts);
+    let opts = RecognizerOptions {
+        device: args.device.open()?,
+        ..args.precision.apply(opts)
+    };
     let config = load_config(args.config.as_deref())?;
     if let Some(path) = &args.checkpoint {
         return Recognizer::from_checkpoint(path, config.as_ref(), opts)

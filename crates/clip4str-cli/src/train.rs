@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::device::DeviceArg;
 use anyhow::Context;
 use clap::Args;
 use clip4str::train::{StepMetrics, TrainConfig, TrainObserver, Trainer};
@@ -42,6 +43,10 @@ pub struct TrainArgs {
     /// Override run.seed.
     #[arg(long, conflicts_with = "resume")]
     pub seed: Option<u64>,
+    /// Where to train: cpu, or cuda / cuda:N (a build with `--features cuda`). Not part of the run: a run
+    /// can be resumed on another device.
+    #[arg(long, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
 }
 
 /// Progress bar, and `loss.png` re-drawn at every validation.
@@ -166,12 +171,14 @@ fn replan(dir: &Path, max_steps: Option<usize>, val_interval: Option<usize>) -> 
 
 /// Runs `train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let device = args.device.open()?;
     let mut trainer = match (&args.resume, &args.config) {
         (Some(dir), _) => {
             if args.max_steps.is_some() || args.val_interval.is_some() {
                 replan(dir, args.max_steps, args.val_interval)?;
             }
-            Trainer::resume(dir).with_context(|| format!("resuming {}", dir.display()))?
+            Trainer::resume_on(dir, &device)
+                .with_context(|| format!("resuming {}", dir.display()))?
         }
         (None, Some(path)) => {
             let text = std::fs::read_to_string(path)
@@ -196,7 +203,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
             if let Some(s) = args.seed {
                 cfg.run.seed = s;
             }
-            Trainer::new(cfg).with_context(|| format!("starting the run of {}", path.display()))?
+            Trainer::new_on(cfg, &device)
+                .with_context(|| format!("starting the run of {}", path.display()))?
         }
         (None, None) => anyhow::bail!("give --config FILE.toml or --resume DIR"),
     };

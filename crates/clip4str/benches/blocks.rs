@@ -62,7 +62,7 @@ fn decoder_step(c: &mut Criterion) {
         .expect("weights")
         .into_iter()
         .collect();
-    let model = Clip4Str::from_tensors(&cfg, weights).expect("model");
+    let model = Clip4Str::from_tensors(&cfg, weights, &Device::Cpu).expect("model");
     let decoder = &model.visual_decoder;
     let memory = Tensor::randn(0f32, 1.0, (1, 197, cfg.decoder.dim), &Device::Cpu).expect("memory");
     let memory = decoder.memory_kv(&memory).expect("memory kv");

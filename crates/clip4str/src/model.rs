@@ -196,15 +196,18 @@ impl Clip4Str {
         })
     }
 
-    /// Builds the model on the CPU from named f32 tensors (e.g. freshly initialised weights).
+    /// Builds the model on `device` from named f32 tensors (e.g. freshly initialised weights).
     pub fn from_tensors(
         cfg: &Clip4StrConfig,
         weights: std::collections::HashMap<String, Tensor>,
+        device: &Device,
     ) -> Result<Self> {
-        Self::new(
-            cfg,
-            VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
-        )
+        Self::new(cfg, VarBuilder::from_tensors(weights, DType::F32, device))
+    }
+
+    /// Where the weights live: inputs go there.
+    pub fn device(&self) -> &Device {
+        self.visual.device()
     }
 
     /// The configuration the model was built with.

@@ -57,6 +57,9 @@ pub struct RecognizerOptions {
     pub per_sample_stop: bool,
     /// Arithmetic of the linear layers (f32 by default).
     pub precision: Precision,
+    /// Where [`Recognizer::load`] puts the weights and runs the model (CPU by default; a CUDA device needs
+    /// the `cuda` build). [`Recognizer::from_model`] runs where the model's weights are instead.
+    pub device: Device,
 }
 
 impl Default for RecognizerOptions {
@@ -70,6 +73,7 @@ impl Default for RecognizerOptions {
             normalization: None,
             per_sample_stop: false,
             precision: Precision::F32,
+            device: Device::Cpu,
         }
     }
 }
@@ -130,7 +134,7 @@ impl Recognizer {
         }
         let expected = Clip4Str::expected_tensors(&cfg)?;
         check_tensors(raw, &expected)?;
-        let device = Device::Cpu;
+        let device = opts.device.clone();
         let model = Clip4Str::new(&cfg, raw.var_builder(DType::F32, &device)).map_err(|e| {
             LoadError::Tensor {
                 path: raw.path.clone(),
@@ -156,7 +160,7 @@ impl Recognizer {
         }
         Ok(Self {
             adapter: CharsetAdapter::new(&charset),
-            device: Device::Cpu,
+            device: model.device().clone(),
             model,
             opts,
         })

@@ -307,3 +307,89 @@ fn word_lists_are_folded_and_filtered() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A spec file next to the fixture font, with `extra` lines appended.
+fn write_spec(name: &str, extra: &str) -> PathBuf {
+    let dir = temp_dir(name);
+    let spec = dir.join("synth.toml");
+    let fonts = fixture_fonts().canonicalize().expect("fixture fonts");
+    std::fs::write(
+        &spec,
+        format!(
+            "count = 40\nseed = 7\nfonts = [{:?}]\n{extra}",
+            fonts.display().to_string()
+        ),
+    )
+    .expect("write spec");
+    spec
+}
+
+#[test]
+fn a_spec_file_is_a_dataset_rendered_on_the_fly() {
+    use clip4str::data::open_dataset;
+    let spec = write_spec(
+        "spec-ok",
+        "format = \"png\"\nsize = [32, 128]\nmax_length = 8\n",
+    );
+    let ds = open_dataset(&spec).expect("spec opens as a dataset");
+    assert_eq!(ds.len(), 40);
+    // Record i is `clip4str synth`'s image i with the same settings (and the same default word list).
+    let words = clip4str::data::synth::default_word_files()
+        .pop()
+        .map(|file| load_words(&file, 8).expect("word list"))
+        .unwrap_or_default();
+    let synth = Synthesizer::new(SynthConfig {
+        size: Some([32, 128]),
+        words,
+        max_label_length: 8,
+        ..fixture_config(7)
+    })
+    .expect("synthesizer");
+    let labels = ds.labels().expect("labels");
+    for (i, label) in labels.iter().enumerate() {
+        let (want_label, want_bytes) = synth
+            .render_encoded(i as u64, OutputFormat::Png)
+            .expect("render");
+        assert_eq!(label.as_ref().expect("label"), &want_label, "record {i}");
+        assert_eq!(ds.label(i).expect("label"), want_label, "record {i}");
+        if i < 5 {
+            let bytes = ds.image(i).expect("image");
+            assert_eq!(bytes, want_bytes, "record {i}");
+            let img = decode_rgb(&bytes).expect("decodes");
+            assert_eq!(img.dimensions(), (128, 32));
+        }
+    }
+    let err = ds.image(40).unwrap_err().to_string();
+    assert!(err.contains("out of range"), "{err}");
+}
+
+#[test]
+fn bad_specs_name_the_file_and_the_problem() {
+    use clip4str::data::open_dataset;
+    let cases = [
+        (
+            "spec-split",
+            "font_split = \"test\"\n",
+            "font_split \"test\"",
+        ),
+        ("spec-format", "format = \"gif\"\n", "format \"gif\""),
+        ("spec-length", "max_length = 40\n", "max_length 40"),
+        ("spec-field", "colour = 3\n", "colour"),
+    ];
+    for (name, extra, want) in cases {
+        let spec = write_spec(name, extra);
+        let err = open_dataset(&spec).err().expect("refused").to_string();
+        assert!(
+            err.contains("synth.toml") && err.contains(want),
+            "{name}: {err}"
+        );
+    }
+    let dir = temp_dir("spec-nofonts");
+    let spec = dir.join("synth.toml");
+    std::fs::write(&spec, "count = 3\nfonts = [\"missing\"]\n").expect("write spec");
+    let err = open_dataset(&spec).err().expect("refused").to_string();
+    assert!(err.contains("no .ttf/.otf fonts"), "{err}");
+    std::fs::write(&spec, "count = 0\nfonts = [\"missing\"]\n").expect("write spec");
+    let err = open_dataset(&spec).err().expect("refused").to_string();
+    assert!(err.contains("count must be at least 1"), "{err}");
+}

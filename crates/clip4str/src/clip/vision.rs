@@ -39,6 +39,11 @@ impl VisionTransformer {
         })
     }
 
+    /// Where the weights live (inputs must be put there).
+    pub fn device(&self) -> &candle_core::Device {
+        self.patch_weight.device()
+    }
+
     /// Stride-`patch` convolution as a reshape plus one matmul (exact, and works for rectangles).
     fn patchify(&self, images: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = images.dims4()?;

@@ -105,6 +105,14 @@ pub enum DataError {
         /// The number of records.
         len: usize,
     },
+    /// A synthetic-dataset spec (`.toml`) is malformed or names nothing usable.
+    #[error("{}: {reason}", .path.display())]
+    BadSynthSpec {
+        /// The spec file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The writer refuses to overwrite an existing LMDB.
     #[error("{}: already exists; refusing to overwrite it", .path.display())]
     AlreadyExists {
@@ -250,7 +258,8 @@ pub trait Dataset: Send + Sync {
 }
 
 /// Opens a dataset folder: an LMDB (has `data.mdb`) or an image folder (has `labels.tsv`); a path to a `.tsv`
-/// file opens that label file with images relative to its folder. The name is the folder's last component.
+/// file opens that label file with images relative to its folder, and a `.toml` file is a synthetic dataset
+/// rendered on the fly ([`synth::SynthDataset`]). The name is the folder's last component.
 pub fn open_dataset(path: impl AsRef<Path>) -> Result<Box<dyn Dataset>, DataError> {
     let path = path.as_ref();
     let name = default_name(path);
@@ -267,6 +276,9 @@ pub fn open_dataset_as(path: impl AsRef<Path>, name: &str) -> Result<Box<dyn Dat
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or(Path::new("."));
             return Ok(Box::new(LmdbDataset::open(folder)?.with_name(name)));
+        }
+        if path.extension().is_some_and(|e| e == "toml") {
+            return Ok(Box::new(synth::SynthDataset::open(path, name)?));
         }
         return Ok(Box::new(FolderDataset::from_tsv(path)?.with_name(name)));
     }

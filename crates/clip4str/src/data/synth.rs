@@ -10,6 +10,7 @@
 //! datasets come out identical whatever the thread count or generation order (on one machine: the
 //! rasterizer picks SIMD code by CPU, which may move a pixel by one level elsewhere).
 
+mod dataset;
 mod fonts;
 mod layout;
 mod raster;
@@ -29,6 +30,7 @@ use crate::preprocess::decode_rgb;
 use fonts::{label_mask, FontSet, ALPHANUMERIC};
 use raster::Segments;
 
+pub use dataset::{SynthDataset, SynthSpec};
 pub use fonts::{
     default_font_dirs, discover_fonts, family_split, font_family, FontReport, SkipReason,
     SkippedFont,
@@ -230,6 +232,12 @@ impl Synthesizer {
             OutputFormat::Jpeg => encode_jpeg(&image, rng.random_range(55..=95))?,
         };
         Ok((label, bytes))
+    }
+
+    /// The label of sample `index` without rendering it (the text is drawn first from the sample's stream):
+    /// what an on-the-fly dataset needs to filter labels before training.
+    pub fn label(&self, index: u64) -> String {
+        self.pick_text_and_font(&mut self.rng(index)).0
     }
 
     fn rng(&self, index: u64) -> ChaCha8Rng {

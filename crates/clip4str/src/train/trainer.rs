@@ -363,8 +363,14 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
 }
 
 impl Trainer {
-    /// Starts a new run in `cfg.run.output_dir` (which must not hold a run already).
+    /// Starts a new run in `cfg.run.output_dir` (which must not hold a run already), on the CPU.
     pub fn new(cfg: TrainConfig) -> Result<Self, TrainError> {
+        Self::new_on(cfg, &Device::Cpu)
+    }
+
+    /// [`Trainer::new`] with the weights, optimizer state and batches on `device`. The device is not part of
+    /// the run: a run started on a GPU can be resumed on the CPU and the other way round.
+    pub fn new_on(cfg: TrainConfig, device: &Device) -> Result<Self, TrainError> {
         let out = cfg.run.output_dir.clone();
         if out.join("last.safetensors").exists() {
             return Err(TrainError::Config(format!(
@@ -406,12 +412,17 @@ impl Trainer {
         write_atomic(&out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
         std::fs::write(out.join("metrics.jsonl"), b"").map_err(io_err(&out))?;
         let weights: HashMap<String, Tensor> = weights.into_iter().collect();
-        Self::build(cfg, model_cfg, &weights, RunState::default(), None)
+        Self::build(cfg, model_cfg, &weights, RunState::default(), None, device)
     }
 
     /// Continues the run in `dir` from its `last` checkpoint: same config, optimizer moments, schedule
     /// position and data position; metrics logged after that checkpoint are dropped so curves continue.
     pub fn resume(dir: &Path) -> Result<Self, TrainError> {
+        Self::resume_on(dir, &Device::Cpu)
+    }
+
+    /// [`Trainer::resume`] on `device`.
+    pub fn resume_on(dir: &Path, device: &Device) -> Result<Self, TrainError> {
         let cfg_path = dir.join("config.toml");
         let text = std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?;
         let mut cfg = TrainConfig::from_toml(&text)?;
@@ -427,9 +438,9 @@ impl Trainer {
             .map_err(|e| TrainError::Config(format!("{}: {e}", last.display())))?;
         let weights: HashMap<String, Tensor> = raw.tensors.into_iter().collect();
         let opt_path = dir.join(format!("state-{:08}.safetensors", state.step));
-        let opt_state = candle_core::safetensors::load(&opt_path, &Device::Cpu)
+        let opt_state = candle_core::safetensors::load(&opt_path, device)
             .map_err(|e| TrainError::State(format!("{}: {e}", opt_path.display())))?;
-        let mut trainer = Self::build(cfg, model_cfg, &weights, state, Some(opt_state))?;
+        let mut trainer = Self::build(cfg, model_cfg, &weights, state, Some(opt_state), device)?;
         trainer.reload_history()?;
         Ok(trainer)
     }
@@ -440,8 +451,9 @@ impl Trainer {
         weights: &HashMap<String, Tensor>,
         state: RunState,
         opt_state: Option<HashMap<String, Tensor>>,
+        device: &Device,
     ) -> Result<Self, TrainError> {
-        let device = Device::Cpu;
+        let device = device.clone();
         let store = ParamStore::new(&model_cfg, weights, DType::F32, &device)?;
         let model = store.build_model(&model_cfg)?;
         let o = &cfg.optim;
