@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Rebuilds the bundled default model (models/default/clip4str-small.safetensors) from scratch on CPU, the way the
-# shipped file was made: phases 1 and 2 of the curriculum, in the segments the shipped runs went through. Run from
-# the repository root. Needs the real training crops in ../shared/data (IIIT5K_train_2000, SVT_train_257,
-# IC15_train_4468, IC03_860) and the fonts of scripts/install-fonts.sh. On the 2-core dev machine phase 1 took about
-# 4 hours of training and phase 2 about 2; dropout draws make a rerun close to, not bit-identical with, the shipped
-# file.
+# Rebuilds the bundled default model (models/default/clip4str-small.safetensors) from scratch, the way the shipped
+# file was made: the curriculum's phases in the segments the shipped runs went through. Run from the repository root.
+# Needs the real training crops in ../shared/data (IIIT5K_train_2000, SVT_train_257, IC15_train_4468, IC03_860) and
+# the fonts of scripts/install-fonts.sh. On the 2-core dev machine phase 1 took about 4 hours of training and phase 2
+# about 2. Phase 3 ran on one NVIDIA H200 in 12 minutes (DEVICE=cuda, the default: the binary is rebuilt with
+# `--features cuda`, which needs nvcc); DEVICE=cpu runs it here instead, for about 10 hours. Dropout draws make a
+# rerun close to, not bit-identical with, the shipped file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p clip4str-cli
@@ -27,9 +28,17 @@ $bin train --resume runs/default-p1 --max-steps 12000 --stop-at 6005
 # 5,000 at step 2,356, run to the end.
 $bin train --config models/default/train-phase2.toml --stop-at 2356
 $bin train --resume runs/default-p2 --max-steps 5000
-$bin convert --force --dtype f16 runs/default-p2/last.safetensors models/default/clip4str-small.safetensors
-# Phase 3 (RandAugment, from phase 2's last weights) is in progress and not shipped yet:
-#   $bin train --config models/default/train-phase3.toml
+# Phase 3 started from phase 2's f16 file (what was bundled then).
+$bin convert --force --dtype f16 runs/default-p2/last.safetensors runs/default-p2/last-f16.safetensors
+# Phase 3a and 3b (synthetic crops rendered on the fly, RandAugment, batch 512): 30 steps each, then the length that
+# filled the GPU lease at the throughput of those 30 steps.
+device=${DEVICE:-cuda}
+[ "$device" = cpu ] || cargo build --release -p clip4str-cli --features cuda
+$bin train --device "$device" --config models/default/train-phase3a.toml --stop-at 30
+$bin train --device "$device" --resume runs/default-p3a --max-steps 1184
+$bin train --device "$device" --config models/default/train-phase3b.toml --stop-at 30
+$bin train --device "$device" --resume runs/default-p3b --max-steps 510
+$bin convert --force --dtype f16 runs/default-p3b/last.safetensors models/default/clip4str-small.safetensors
 # Figures for the model card:
 $bin eval --checkpoint models/default/clip4str-small.safetensors \
     --data data/synth_short_heldout data/synth_heldout ../shared/data/CUTE80_288 ../shared/data/SVTP_645
