@@ -293,7 +293,13 @@ fn shipped_training_configs_parse() {
     let mut seen = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "toml") {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("synth-") && name.ends_with(".toml") {
+            // On-the-fly synthetic dataset specs that the configs name.
+            let text = std::fs::read_to_string(&path).unwrap();
+            toml::from_str::<clip4str::data::synth::SynthSpec>(&text)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        } else if path.extension().is_some_and(|e| e == "toml") {
             let text = std::fs::read_to_string(&path).unwrap();
             let cfg =
                 TrainConfig::from_toml(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
