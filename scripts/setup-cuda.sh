@@ -8,6 +8,7 @@
 #   eval "$(scripts/setup-cuda.sh [DIR])"      # default DIR: ~/.cache/clip4str/cuda; sets CUDA_HOME etc.
 #   cargo build --release -p clip4str-cli --features cuda --config "$CLIP4STR_CUDA_PATCH"
 #
+# The patched build records the local candle-kernels in Cargo.lock: `git checkout Cargo.lock` afterwards.
 # A machine with a CUDA toolkit needs none of this: `cargo build --release -p clip4str-cli --features cuda`.
 set -euo pipefail
 dir="${1:-$HOME/.cache/clip4str/cuda}"
