@@ -57,8 +57,9 @@ pub struct RecognizerOptions {
     pub per_sample_stop: bool,
     /// Arithmetic of the linear layers (f32 by default).
     pub precision: Precision,
-    /// Where [`Recognizer::load`] puts the weights and runs the model (CPU by default; a CUDA device needs
-    /// the `cuda` build). [`Recognizer::from_model`] runs where the model's weights are instead.
+    /// Where [`Recognizer::from_checkpoint`] and [`Recognizer::from_raw`] put the weights and run the model
+    /// (CPU by default; a CUDA device needs the `cuda` build). [`Recognizer::from_model`] runs where the
+    /// model's weights are instead.
     pub device: Device,
 }
 
