@@ -11,8 +11,8 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use clip4str::data::synth::{
-    default_font_dirs, default_word_files, discover_fonts, load_words, FontSplit, OutputFormat,
-    SkipReason, SynthConfig, Synthesizer, MAX_LABEL_LENGTH,
+    find_sources, FontSplit, OutputFormat, SkipReason, SynthConfig, SynthError, Synthesizer,
+    MAX_LABEL_LENGTH,
 };
 use clip4str::data::LmdbWriter;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -144,37 +144,22 @@ fn font_summary(synth: &Synthesizer) -> String {
 }
 
 pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
-    let font_dirs = if args.fonts.is_empty() {
-        default_font_dirs()
-    } else {
-        args.fonts.clone()
-    };
-    let fonts = discover_fonts(&font_dirs);
-    if fonts.is_empty() {
-        anyhow::bail!(
-            "no .ttf/.otf fonts found in {}; install some (scripts/install-fonts.sh) or pass --fonts DIR",
-            font_dirs
-                .iter()
-                .map(|d| d.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
-    let word_file = args.words.clone().or_else(|| default_word_files().pop());
-    let words = match &word_file {
-        Some(path) => load_words(path, args.max_length)
-            .with_context(|| format!("reading word list {}", path.display()))?,
-        None => Vec::new(),
-    };
+    let sources =
+        find_sources(&args.fonts, args.words.as_deref(), args.max_length).map_err(|e| match e {
+            SynthError::NoFontFiles { .. } => {
+                anyhow::anyhow!("{e}; install some (scripts/install-fonts.sh) or pass --fonts DIR")
+            }
+            e => anyhow::anyhow!("reading the word list: {e}"),
+        })?;
     let cfg = SynthConfig {
         seed: args.seed,
-        fonts,
+        fonts: sources.fonts,
         font_split: match args.font_split {
             SplitArg::All => FontSplit::All,
             SplitArg::Train => FontSplit::Train,
             SplitArg::Heldout => FontSplit::Heldout,
         },
-        words,
+        words: sources.words,
         size: args.size,
         height: args.height,
         max_label_length: args.max_length,
@@ -192,7 +177,8 @@ pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
         "synth: {}; {} words{}",
         font_summary(&synth),
         synth.num_words(),
-        word_file
+        sources
+            .word_file
             .map(|p| format!(" from {}", p.display()))
             .unwrap_or_else(|| " (built-in list)".to_owned())
     );

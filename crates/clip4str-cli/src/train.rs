@@ -6,11 +6,12 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::device::DeviceArg;
 use anyhow::Context;
 use clap::Args;
 use clip4str::train::{StepMetrics, TrainConfig, TrainObserver, Trainer};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::device::DeviceArg;
 
 /// Arguments of `clip4str train`.
 #[derive(Debug, Args)]

@@ -370,9 +370,13 @@ fn bad_specs_name_the_file_and_the_problem() {
         (
             "spec-split",
             "font_split = \"test\"\n",
-            "font_split \"test\"",
+            "unknown variant `test`, expected one of `all`, `train`, `heldout`",
         ),
-        ("spec-format", "format = \"gif\"\n", "format \"gif\""),
+        (
+            "spec-format",
+            "format = \"gif\"\n",
+            "unknown variant `gif`, expected `png` or `jpeg`",
+        ),
         ("spec-length", "max_length = 40\n", "max_length 40"),
         ("spec-field", "colour = 3\n", "colour"),
     ];

@@ -16,7 +16,7 @@ mod layout;
 mod raster;
 mod text;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use ab_glyph::{point, Point};
 use image::codecs::jpeg::JpegEncoder;
@@ -44,7 +44,8 @@ pub const MAX_LABEL_LENGTH: usize = 25;
 pub const HELDOUT_PERCENT: u64 = 10;
 
 /// Which fonts a synthesizer may use: all, or one side of the family-level train / held-out split.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FontSplit {
     /// Every usable font.
     #[default]
@@ -91,6 +92,12 @@ impl Default for SynthConfig {
 /// Why a synthesizer could not be built or a sample not produced.
 #[derive(Debug, thiserror::Error)]
 pub enum SynthError {
+    /// No font file at all where fonts were looked for.
+    #[error("no .ttf/.otf fonts found in {}", .searched.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    NoFontFiles {
+        /// The files and folders searched.
+        searched: Vec<PathBuf>,
+    },
     /// No font survived loading and the split filter.
     #[error("no usable font ({candidates} candidate files, {skipped} skipped as unusable, {other_split} in the other split)")]
     NoFonts {
@@ -120,8 +127,51 @@ pub enum SynthError {
     Decode(#[from] crate::preprocess::ImageError),
 }
 
+/// What a synthesizer draws from: font files and a word list.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    /// Font files found.
+    pub fonts: Vec<PathBuf>,
+    /// Words of the list, folded and filtered by [`load_words`]; empty: the built-in list.
+    pub words: Vec<String>,
+    /// The word list read, if any.
+    pub word_file: Option<PathBuf>,
+}
+
+/// Finds the fonts and words the way `clip4str synth` and dataset specs do: font files under `fonts` (files or
+/// folders; empty: the system font folders), and the word list `words` (`None`: the system one if present, else
+/// the built-in list) with words of up to `max_label_length` characters.
+pub fn find_sources(
+    fonts: &[PathBuf],
+    words: Option<&Path>,
+    max_label_length: usize,
+) -> Result<Sources, SynthError> {
+    let searched = if fonts.is_empty() {
+        default_font_dirs()
+    } else {
+        fonts.to_vec()
+    };
+    let found = discover_fonts(&searched);
+    if found.is_empty() {
+        return Err(SynthError::NoFontFiles { searched });
+    }
+    let word_file = words
+        .map(Path::to_path_buf)
+        .or_else(|| default_word_files().pop());
+    let words = match &word_file {
+        Some(file) => load_words(file, max_label_length)?,
+        None => Vec::new(),
+    };
+    Ok(Sources {
+        fonts: found,
+        words,
+        word_file,
+    })
+}
+
 /// Encoded image format of [`Synthesizer::render_encoded`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OutputFormat {
     /// Lossless PNG.
     #[default]

@@ -20,10 +20,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::Deserialize;
 
-use super::{
-    default_font_dirs, default_word_files, discover_fonts, load_words, FontSplit, OutputFormat,
-    SynthConfig, Synthesizer, MAX_LABEL_LENGTH,
-};
+use super::{find_sources, FontSplit, OutputFormat, SynthConfig, Synthesizer, MAX_LABEL_LENGTH};
 use crate::data::{DataError, Dataset};
 
 /// The settings of an on-the-fly synthetic dataset, as written in its `.toml` spec.
@@ -39,8 +36,8 @@ pub struct SynthSpec {
     #[serde(default)]
     pub fonts: Vec<PathBuf>,
     /// `all`, `train` or `heldout`.
-    #[serde(default = "default_split")]
-    pub font_split: String,
+    #[serde(default)]
+    pub font_split: FontSplit,
     /// Word list; relative to the spec. `None`: the system dictionary if present, else a built-in list.
     #[serde(default)]
     pub words: Option<PathBuf>,
@@ -54,12 +51,8 @@ pub struct SynthSpec {
     #[serde(default = "default_max_length")]
     pub max_length: usize,
     /// `png` or `jpeg`.
-    #[serde(default = "default_format")]
-    pub format: String,
-}
-
-fn default_split() -> String {
-    "all".into()
+    #[serde(default)]
+    pub format: OutputFormat,
 }
 
 fn default_height() -> [u32; 2] {
@@ -68,10 +61,6 @@ fn default_height() -> [u32; 2] {
 
 fn default_max_length() -> usize {
     MAX_LABEL_LENGTH
-}
-
-fn default_format() -> String {
-    "png".into()
 }
 
 /// An on-the-fly synthetic dataset (see the module docs).
@@ -110,21 +99,6 @@ impl SynthDataset {
                 base.join(p)
             }
         };
-        let font_split = match spec.font_split.as_str() {
-            "all" => FontSplit::All,
-            "train" => FontSplit::Train,
-            "heldout" => FontSplit::Heldout,
-            other => {
-                return Err(bad(format!(
-                    "font_split {other:?}: use all, train or heldout"
-                )))
-            }
-        };
-        let format = match spec.format.as_str() {
-            "png" => OutputFormat::Png,
-            "jpeg" => OutputFormat::Jpeg,
-            other => return Err(bad(format!("format {other:?}: use png or jpeg"))),
-        };
         if spec.count == 0 {
             return Err(bad("count must be at least 1".into()));
         }
@@ -134,29 +108,18 @@ impl SynthDataset {
                 spec.max_length
             )));
         }
-        let font_dirs: Vec<PathBuf> = if spec.fonts.is_empty() {
-            default_font_dirs()
-        } else {
-            spec.fonts.iter().map(relative).collect()
-        };
-        let fonts = discover_fonts(&font_dirs);
-        if fonts.is_empty() {
-            let dirs: Vec<String> = font_dirs.iter().map(|d| d.display().to_string()).collect();
-            return Err(bad(format!("no .ttf/.otf fonts in {}", dirs.join(", "))));
-        }
-        let word_file = match &spec.words {
-            Some(file) => Some(relative(file)),
-            None => default_word_files().pop(),
-        };
-        let words = match &word_file {
-            Some(file) => load_words(file, spec.max_length).map_err(|e| bad(e.to_string()))?,
-            None => Vec::new(),
-        };
+        let fonts: Vec<PathBuf> = spec.fonts.iter().map(relative).collect();
+        let sources = find_sources(
+            &fonts,
+            spec.words.as_ref().map(relative).as_deref(),
+            spec.max_length,
+        )
+        .map_err(|e| bad(e.to_string()))?;
         let synth = Synthesizer::new(SynthConfig {
             seed: spec.seed,
-            fonts,
-            font_split,
-            words,
+            fonts: sources.fonts,
+            font_split: spec.font_split,
+            words: sources.words,
             size: spec.size,
             height: spec.height,
             max_label_length: spec.max_length,
@@ -166,7 +129,7 @@ impl SynthDataset {
             name: name.to_owned(),
             path: path.to_owned(),
             count: spec.count,
-            format,
+            format: spec.format,
             synth,
         })
     }
