@@ -45,11 +45,15 @@ pub enum FormatArg {
 #[derive(Debug, Args)]
 pub struct SynthArgs {
     /// Output LMDB folder (created; must not already hold a dataset).
-    #[arg(long, required_unless_present = "preview", conflicts_with = "preview")]
+    #[arg(
+        long,
+        required_unless_present_any = ["preview", "list_fonts"],
+        conflicts_with = "preview"
+    )]
     pub out: Option<PathBuf>,
     /// Number of images.
-    #[arg(long)]
-    pub count: u64,
+    #[arg(long, required_unless_present = "list_fonts")]
+    pub count: Option<u64>,
     /// Font files or folders searched for .ttf/.otf (default: the system font folders).
     #[arg(long, num_args = 1..)]
     pub fonts: Vec<PathBuf>,
@@ -80,6 +84,10 @@ pub struct SynthArgs {
     /// Write the images as DIR/NNNNNNNN.png plus DIR/labels.tsv instead of an LMDB, for eyeballing.
     #[arg(long)]
     pub preview: Option<PathBuf>,
+    /// Print the font families this split draws from (family, then its files) and exit: for checking
+    /// which designs a training or held-out set will hold before rendering it.
+    #[arg(long, conflicts_with_all = ["out", "preview"])]
+    pub list_fonts: bool,
 }
 
 fn parse_size(text: &str) -> Result<[u32; 2], String> {
@@ -182,6 +190,18 @@ pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
             .map(|p| format!(" from {}", p.display()))
             .unwrap_or_else(|| " (built-in list)".to_owned())
     );
+    if args.list_fonts {
+        let report = synth.font_report();
+        let mut out = std::io::stdout().lock();
+        for (family, files) in report.families.iter().zip(&report.family_files) {
+            let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+            writeln!(out, "{family}\t{}", files.join("\t"))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let count = args
+        .count
+        .context("--count is required unless --list-fonts is given")?;
 
     let format = match (args.format, &args.preview) {
         (_, Some(_)) | (FormatArg::Png, None) => OutputFormat::Png,
@@ -196,7 +216,7 @@ pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
     };
 
     let progress = if std::io::stderr().is_terminal() {
-        let bar = ProgressBar::with_draw_target(Some(args.count), ProgressDrawTarget::stderr());
+        let bar = ProgressBar::with_draw_target(Some(count), ProgressDrawTarget::stderr());
         bar.set_style(
             ProgressStyle::with_template("synth {bar:40} {pos}/{len} {per_sec} eta {eta}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -208,7 +228,7 @@ pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let end = args
         .start
-        .checked_add(args.count)
+        .checked_add(count)
         .context("--start + --count overflows")?;
     let mut chunk_start = args.start;
     while chunk_start < end {

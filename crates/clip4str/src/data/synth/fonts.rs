@@ -64,6 +64,8 @@ pub struct FontReport {
     pub loaded: Vec<PathBuf>,
     /// The design families among them (see [`font_family`]), sorted; fonts are drawn family first.
     pub families: Vec<String>,
+    /// The files of each family, parallel to `families` (for listing which designs a split holds).
+    pub family_files: Vec<Vec<PathBuf>>,
     /// Files that could not be used.
     pub skipped: Vec<SkippedFont>,
     /// Files left out by the font split.
@@ -195,6 +197,64 @@ const CLONES: &[(&str, &str)] = &[
     ("z003", "zapfchancery"),
     ("texgyrechorus", "zapfchancery"),
     ("carlito", "lato"),
+    // Chrome OS core fonts: Liberation 2 is built from them.
+    ("arimo", "liberationsans"),
+    ("tinos", "liberationserif"),
+    ("cousine", "liberationmono"),
+    // The Uralic fonts extend the URW base 35.
+    ("bookmanuralic", "bookman"),
+    ("chanceryuralic", "zapfchancery"),
+    ("gothicuralic", "avantgarde"),
+    ("monouralic", "courier"),
+    ("palladiouralic", "palatino"),
+    ("romanuralic", "times"),
+    ("sansuralic", "helvetica"),
+    ("schoolbookuralic", "centuryschoolbook"),
+    // Computer Modern Unicode and Latin Modern are both Knuth's Computer Modern.
+    ("cmuserif", "computermodern"),
+    ("cmuserifupright", "computermodern"),
+    ("cmuserifextra", "computermodern"),
+    ("latinmodernroman", "computermodern"),
+    ("latinmodernromanslanted", "computermodern"),
+    ("latinmodernromanunslanted", "computermodern"),
+    ("latinmodernromandunhill", "computermodern"),
+    ("latinmodern", "computermodern"),
+    ("cmusansserif", "computermodernsans"),
+    ("latinmodernsans", "computermodernsans"),
+    ("latinmodernsansquotation", "computermodernsans"),
+    ("cmutypewriter", "computermoderntypewriter"),
+    ("cmutypewritervariablewidth", "computermoderntypewriter"),
+    ("latinmodernmono", "computermoderntypewriter"),
+    ("latinmodernmonocaps", "computermoderntypewriter"),
+    ("latinmodernmonoprop", "computermoderntypewriter"),
+    ("latinmodernmonoslanted", "computermoderntypewriter"),
+    // Width series of one road-sign design, and of one signage design.
+    ("roadgeekseriesb", "roadgeek"),
+    ("roadgeekseriesc", "roadgeek"),
+    ("roadgeekseriesd", "roadgeek"),
+    ("roadgeekseriese", "roadgeek"),
+    ("roadgeekserieseem", "roadgeek"),
+    ("roadgeekseriesem", "roadgeek"),
+    ("roadgeekseriesf", "roadgeek"),
+    ("tiresiasinfofont", "tiresias"),
+    ("tiresiasinfofontz", "tiresias"),
+    ("tiresiaskeyfontv2", "tiresias"),
+    ("tiresiaslpfont", "tiresias"),
+    ("tiresiaspcfont", "tiresias"),
+    ("tiresiaspcfontz", "tiresias"),
+    ("tiresiassignfont", "tiresias"),
+    ("tiresiassignfontz", "tiresias"),
+    ("opendyslexicalta", "opendyslexic"),
+    ("opendyslexicmono", "opendyslexic"),
+    ("aerialmono", "aerial"),
+    ("gentiumalt", "gentium"),
+    ("gentiumplus", "gentium"),
+    ("routedgothichalf", "routedgothic"),
+    ("routedgothicwide", "routedgothic"),
+    ("routedgothicwidehalf", "routedgothic"),
+    // Noto's script fonts carry Noto Sans's Latin.
+    ("notosanssymbols", "notosans"),
+    ("nototraditionalnushu", "notosans"),
 ];
 
 /// The typographic family name (name ID 16, else 1) as stored in the font, if readable.
@@ -465,6 +525,10 @@ impl FontSet {
             });
         }
         report.families = by_family.keys().cloned().collect();
+        report.family_files = by_family
+            .values()
+            .map(|members| members.iter().map(|&i| report.loaded[i].clone()).collect())
+            .collect();
         FontSet {
             fonts,
             families: by_family.into_values().collect(),
@@ -509,6 +573,19 @@ mod tests {
         assert_eq!(family("TeX Gyre Heros Cn"), "helvetica");
         assert_eq!(family("Nimbus Sans Narrow"), "helvetica");
         assert_eq!(family("Noto Sans Display"), "notosans");
+        // Clones and width series land on one side of the held-out split together.
+        assert_eq!(family("Arimo"), family("Liberation Sans"));
+        assert_eq!(family("CMU Serif"), family("Latin Modern Roman Slanted"));
+        assert_eq!(
+            family("CMU Typewriter Text"),
+            family("Latin Modern Mono Prop")
+        );
+        assert_eq!(
+            family("Roadgeek 2014 Series B"),
+            family("Roadgeek 2014 Series EEM")
+        );
+        assert_eq!(family("Tiresias LPfont"), family("Tiresias Signfont Z"));
+        assert_eq!(family("Schoolbook Uralic"), family("C059"));
         assert_eq!(family("Regular"), "regular");
         // Without a parsable name table the file name decides.
         assert_eq!(
