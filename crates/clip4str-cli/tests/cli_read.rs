@@ -284,7 +284,9 @@ fn bundled_model_reads_the_examples_offline() {
         .count();
     let acc = doc["combined"]["accuracy"].as_f64().expect("accuracy");
     assert!((acc - 100.0 * correct as f64 / 10.0).abs() < 1e-9, "{doc}");
-    // The shipped file reads 8 of the 10 (models/default/README.md): a weaker file must not slip in unnoticed.
+    // The shipped file reads 9 of the 10 (models/default/README.md): a weaker file must not slip in unnoticed.
+    // One miss of slack: `street` is read at confidence 0.50, close enough to a tie that another CPU's rounding
+    // could flip a character.
     assert!(
         correct >= 8,
         "the bundled model read only {correct} of 10 examples right"
