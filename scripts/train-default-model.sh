@@ -43,7 +43,7 @@ $bin train --device "$device" --config models/default/train-phase3a.toml --stop-
 $bin train --device "$device" --resume runs/default-p3a --max-steps 1184
 $bin train --device "$device" --config models/default/train-phase3b.toml --stop-at 30
 $bin train --device "$device" --resume runs/default-p3b --max-steps 510
-# Phase 5 (CPU, 4,000 steps at batch 32, all fonts of install-fonts.sh, real crops x40; ~90 minutes here).
+# Phase 5 (CPU, 4,000 steps at batch 32, all fonts of install-fonts.sh, real crops x40; about 105 minutes here).
 $bin train --config models/default/train-phase5.toml
 $bin convert --force --dtype f16 runs/default-p5/last.safetensors models/default/clip4str-small.safetensors
 # Figures for the model card:

@@ -191,9 +191,8 @@ pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|| " (built-in list)".to_owned())
     );
     if args.list_fonts {
-        let report = synth.font_report();
         let mut out = std::io::stdout().lock();
-        for (family, files) in report.families.iter().zip(&report.family_files) {
+        for (family, files) in synth.font_families() {
             let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
             writeln!(out, "{family}\t{}", files.join("\t"))?;
         }

@@ -256,6 +256,11 @@ impl Synthesizer {
         &self.fonts.report
     }
 
+    /// Each design family in use with its font files (for listing which designs a split holds).
+    pub fn font_families(&self) -> impl Iterator<Item = (&str, Vec<&Path>)> {
+        self.fonts.family_files()
+    }
+
     /// Number of words the text sampler draws from.
     pub fn num_words(&self) -> usize {
         self.words.len()

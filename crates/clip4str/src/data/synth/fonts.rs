@@ -64,8 +64,6 @@ pub struct FontReport {
     pub loaded: Vec<PathBuf>,
     /// The design families among them (see [`font_family`]), sorted; fonts are drawn family first.
     pub families: Vec<String>,
-    /// The files of each family, parallel to `families` (for listing which designs a split holds).
-    pub family_files: Vec<Vec<PathBuf>>,
     /// Files that could not be used.
     pub skipped: Vec<SkippedFont>,
     /// Files left out by the font split.
@@ -525,15 +523,26 @@ impl FontSet {
             });
         }
         report.families = by_family.keys().cloned().collect();
-        report.family_files = by_family
-            .values()
-            .map(|members| members.iter().map(|&i| report.loaded[i].clone()).collect())
-            .collect();
         FontSet {
             fonts,
             families: by_family.into_values().collect(),
             report,
         }
+    }
+
+    /// Each design family with the files of its fonts, families in name order.
+    pub fn family_files(&self) -> impl Iterator<Item = (&str, Vec<&Path>)> {
+        self.report
+            .families
+            .iter()
+            .zip(&self.families)
+            .map(|(name, members)| {
+                let files = members
+                    .iter()
+                    .map(|&i| self.report.loaded[i].as_path())
+                    .collect();
+                (name.as_str(), files)
+            })
     }
 
     /// A random font (family first, then style) that has a glyph for every character in `mask`, or `None`
