@@ -82,6 +82,23 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
 }
 
+/// The error and its causes on one line, like `{:#}`, but without the repeats that appear when a library error
+/// both prints its source and returns it from `source()`, or when a context names the file its cause already names.
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let msg = cause.to_string();
+        if line.ends_with(&msg) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&msg);
+    }
+    line
+}
+
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
@@ -99,8 +116,43 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", error_chain(&err));
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    /// Shaped like the library's errors: the message includes the source, which is also returned.
+    #[derive(Debug)]
+    struct Lib {
+        source: std::io::Error,
+    }
+
+    impl std::fmt::Display for Lib {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "model.ckpt: cannot read the file: {}", self.source)
+        }
+    }
+
+    impl std::error::Error for Lib {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.source)
+        }
+    }
+
+    #[test]
+    fn a_cause_already_in_its_parent_message_is_printed_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let err = anyhow::Error::new(Lib { source: io }).context("loading the model");
+        assert_eq!(
+            error_chain(&err),
+            "loading the model: model.ckpt: cannot read the file: No such file"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_chain(&plain), "outer: inner");
     }
 }

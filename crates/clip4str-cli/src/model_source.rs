@@ -114,8 +114,15 @@ pub fn load_recognizer(args: &ModelArgs, opts: RecognizerOptions) -> anyhow::Res
     };
     let config = load_config(args.config.as_deref())?;
     if let Some(path) = &args.checkpoint {
-        return Recognizer::from_checkpoint(path, config.as_ref(), opts)
-            .with_context(|| format!("loading checkpoint {}", path.display()));
+        return Recognizer::from_checkpoint(path, config.as_ref(), opts).map_err(|e| {
+            // Most load errors already start with the file's name; name it once.
+            let named = path.display().to_string();
+            if e.to_string().contains(&named) {
+                anyhow::Error::new(e)
+            } else {
+                anyhow::Error::new(e).context(format!("loading checkpoint {named}"))
+            }
+        });
     }
     let Some(name) = &args.model else {
         return load_bundled(config.is_some(), opts);

@@ -183,9 +183,16 @@ fn bad_checkpoint_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
     assert!(stderr.contains("--config"), "stderr: {stderr}");
 
+    // The file and the OS's reason, each said once.
     let out = clip4str(&["read", "--checkpoint", "/nonexistent/model.ckpt", &img]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/model.ckpt"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.matches("/nonexistent/model.ckpt").count(),
+        1,
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("os error 2").count(), 1, "{stderr}");
 }
 
 #[test]
