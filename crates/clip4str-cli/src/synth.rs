@@ -52,7 +52,7 @@ pub struct SynthArgs {
     )]
     pub out: Option<PathBuf>,
     /// Number of images.
-    #[arg(long, required_unless_present = "list_fonts")]
+    #[arg(long, required_unless_present = "list_fonts", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
     /// Font files or folders searched for .ttf/.otf (default: the system font folders).
     #[arg(long, num_args = 1..)]

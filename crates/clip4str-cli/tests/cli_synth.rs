@@ -179,6 +179,11 @@ fn bad_arguments_are_errors() {
     assert_eq!(output.status.code(), Some(2));
     let output = clip4str(&["synth", "--count", "5"]);
     assert_eq!(output.status.code(), Some(2));
+    // An empty dataset is a mistake, not a result: nothing is written.
+    let output = clip4str(&["synth", "--out", &out, "--count", "0"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("--count"), "{}", stderr(&output));
+    assert!(!std::path::Path::new(&out).exists());
     for bad in ["0", "26", "six"] {
         let output = clip4str(&["synth", "--out", &out, "--count", "5", "--max-length", bad]);
         assert_eq!(output.status.code(), Some(2), "--max-length {bad}");

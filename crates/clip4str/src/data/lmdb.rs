@@ -55,6 +55,73 @@ fn open_env_read_only(path: &Path) -> heed::Result<Env> {
     }
 }
 
+/// Byte offsets inside an LMDB meta page of a 64-bit build (`mdb.c`: 16-byte page header, then `MDB_meta`).
+const META_MAGIC: usize = 16;
+const META_VERSION: usize = 20;
+const META_PAGE_SIZE: usize = 40; // mm_dbs[FREE_DBI].md_pad holds the page size
+const META_LAST_PAGE: usize = 136;
+const META_TXNID: usize = 144;
+const LMDB_MAGIC: u32 = 0xBEEF_C0DE;
+
+/// Refuses a `data.mdb` shorter than its newest meta page's last page. LMDB maps the file and trusts its
+/// header, so a truncated copy would otherwise kill the process with SIGBUS instead of returning an error.
+/// Files this layout does not recognise (another word size or byte order) are left to LMDB's own checks.
+fn check_not_truncated(data_file: &Path) -> Result<(), DataError> {
+    use std::io::Read;
+    let file = std::fs::File::open(data_file).map_err(DataError::io(data_file))?;
+    let size = file.metadata().map_err(DataError::io(data_file))?.len();
+    let u32_at =
+        |b: &[u8], at: usize| u32::from_ne_bytes(b[at..at + 4].try_into().expect("4 bytes"));
+    let u64_at =
+        |b: &[u8], at: usize| u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+    let truncated = |needed: u64| DataError::TruncatedLmdb {
+        path: data_file.to_owned(),
+        size,
+        needed,
+    };
+    let mut first = vec![0u8; META_TXNID + 8];
+    let mut reader = file.take(u64::MAX);
+    if (&mut reader)
+        .take(first.len() as u64)
+        .read_exact(&mut first)
+        .is_err()
+    {
+        return Ok(()); // too short to be LMDB at all: LMDB says so itself
+    }
+    if u32_at(&first, META_MAGIC) != LMDB_MAGIC || u32_at(&first, META_VERSION) != 1 {
+        return Ok(());
+    }
+    let page_size = u64::from(u32_at(&first, META_PAGE_SIZE));
+    if !(512..=1 << 20).contains(&page_size) || !page_size.is_power_of_two() {
+        return Ok(());
+    }
+    // Both meta pages must be present; the newer one (larger txnid) is the one LMDB uses.
+    if size < 2 * page_size {
+        return Err(truncated(2 * page_size));
+    }
+    let mut second = vec![0u8; META_TXNID + 8];
+    let skip = page_size - first.len() as u64;
+    std::io::copy(&mut (&mut reader).take(skip), &mut std::io::sink())
+        .map_err(DataError::io(data_file))?;
+    reader
+        .read_exact(&mut second)
+        .map_err(DataError::io(data_file))?;
+    let newest = if u32_at(&second, META_MAGIC) == LMDB_MAGIC
+        && u64_at(&second, META_TXNID) > u64_at(&first, META_TXNID)
+    {
+        &second
+    } else {
+        &first
+    };
+    let needed = u64_at(newest, META_LAST_PAGE)
+        .saturating_add(1)
+        .saturating_mul(page_size);
+    if size < needed {
+        return Err(truncated(needed));
+    }
+    Ok(())
+}
+
 fn open_shared_read_only(path: &Path) -> Result<Arc<SharedEnv>, DataError> {
     let canonical = path.canonicalize().map_err(DataError::io(path))?;
     let mut registry = OPEN_ENVS.lock().unwrap_or_else(PoisonError::into_inner);
@@ -127,6 +194,7 @@ impl LmdbDataset {
                 source: std::io::Error::from(std::io::ErrorKind::NotFound),
             });
         }
+        check_not_truncated(&data_file)?;
         let shared = open_shared_read_only(path)?;
         let rtxn = shared.env.read_txn().map_err(lmdb_error(path))?;
         let stored = shared
@@ -530,6 +598,32 @@ mod tests {
         let sample = dataset.get(0).expect("record 1 reads");
         let error = sample.decode_rgb().expect_err("garbage image");
         assert_eq!(error.key(), Some("image-000000001"));
+    }
+
+    #[test]
+    fn truncated_files_refuse_to_open() {
+        let tmp = TempDir::new("lmdb-truncated");
+        let whole = tmp.path().join("whole");
+        let big = vec![7u8; 64 << 10];
+        write_raw(&whole, &[("num-samples", b"1"), ("image-000000001", &big)]);
+        let bytes = std::fs::read(whole.join(LMDB_DATA_FILE)).expect("read");
+        check_not_truncated(&whole.join(LMDB_DATA_FILE)).expect("a whole file passes");
+        // Cut inside the second meta page and inside the data pages: both are refused before LMDB maps them.
+        for cut in [5000, bytes.len() - 4096] {
+            let dir = tmp.path().join(format!("cut{cut}"));
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            std::fs::write(dir.join(LMDB_DATA_FILE), &bytes[..cut]).expect("write");
+            match LmdbDataset::open(&dir) {
+                Err(error @ DataError::TruncatedLmdb { .. }) => {
+                    let text = error.to_string();
+                    assert!(
+                        text.contains("truncated") && text.contains(&cut.to_string()),
+                        "{text}"
+                    );
+                }
+                other => panic!("expected a truncated file at {cut} bytes, got {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -113,6 +113,17 @@ pub enum DataError {
         /// What is wrong with it.
         reason: String,
     },
+    /// `data.mdb` is shorter than its own meta page says (an interrupted copy or download); mapping it would
+    /// crash the process with SIGBUS on the first read past the end.
+    #[error("{}: truncated LMDB file: {size} bytes, but its header says {needed}", .path.display())]
+    TruncatedLmdb {
+        /// The `data.mdb` file.
+        path: PathBuf,
+        /// Its size on disk.
+        size: u64,
+        /// The size its newest meta page implies.
+        needed: u64,
+    },
     /// The writer refuses to overwrite an existing LMDB.
     #[error("{}: already exists; refusing to overwrite it", .path.display())]
     AlreadyExists {
