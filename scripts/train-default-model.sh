@@ -45,7 +45,9 @@ $bin train --device "$device" --config models/default/train-phase3b.toml --stop-
 $bin train --device "$device" --resume runs/default-p3b --max-steps 510
 # Phase 5 (CPU, 4,000 steps at batch 32, all fonts of install-fonts.sh, real crops x40; about 105 minutes here).
 $bin train --config models/default/train-phase5.toml
-$bin convert --force --dtype f16 runs/default-p5/last.safetensors models/default/clip4str-small.safetensors
+# Phase 6 (CPU, the same recipe from phase 5's weights on fresh crops, 5,000 steps; about 111 minutes here).
+$bin train --config models/default/train-phase6.toml
+$bin convert --force --dtype f16 runs/default-p6/last.safetensors models/default/clip4str-small.safetensors
 # Figures for the model card:
 $bin eval --checkpoint models/default/clip4str-small.safetensors \
     --data data/synth_short_heldout data/synth_heldout data/synth_heldout_v2 ../shared/data/CUTE80_288 ../shared/data/SVTP_645

@@ -115,7 +115,7 @@ pub enum DataError {
     },
     /// `data.mdb` is shorter than its own meta page says (an interrupted copy or download); mapping it would
     /// crash the process with SIGBUS on the first read past the end.
-    #[error("{}: truncated LMDB file: {size} bytes, but its header says {needed}", .path.display())]
+    #[error("{}: truncated LMDB file: {size} bytes, but its header needs {needed}", .path.display())]
     TruncatedLmdb {
         /// The `data.mdb` file.
         path: PathBuf,
