@@ -67,27 +67,19 @@ const LMDB_MAGIC: u32 = 0xBEEF_C0DE;
 /// header, so a truncated copy would otherwise kill the process with SIGBUS instead of returning an error.
 /// Files this layout does not recognise (another word size or byte order) are left to LMDB's own checks.
 fn check_not_truncated(data_file: &Path) -> Result<(), DataError> {
-    use std::io::Read;
-    let file = std::fs::File::open(data_file).map_err(DataError::io(data_file))?;
-    let size = file.metadata().map_err(DataError::io(data_file))?.len();
+    use std::io::{Read, Seek, SeekFrom};
+    let io = DataError::io;
+    let mut file = std::fs::File::open(data_file).map_err(io(data_file))?;
+    let size = file.metadata().map_err(io(data_file))?.len();
     let u32_at =
         |b: &[u8], at: usize| u32::from_ne_bytes(b[at..at + 4].try_into().expect("4 bytes"));
     let u64_at =
         |b: &[u8], at: usize| u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"));
-    let truncated = |needed: u64| DataError::TruncatedLmdb {
-        path: data_file.to_owned(),
-        size,
-        needed,
-    };
-    let mut first = vec![0u8; META_TXNID + 8];
-    let mut reader = file.take(u64::MAX);
-    if (&mut reader)
-        .take(first.len() as u64)
-        .read_exact(&mut first)
-        .is_err()
-    {
+    let mut first = [0u8; META_TXNID + 8];
+    if size < first.len() as u64 {
         return Ok(()); // too short to be LMDB at all: LMDB says so itself
     }
+    file.read_exact(&mut first).map_err(io(data_file))?;
     if u32_at(&first, META_MAGIC) != LMDB_MAGIC || u32_at(&first, META_VERSION) != 1 {
         return Ok(());
     }
@@ -96,28 +88,29 @@ fn check_not_truncated(data_file: &Path) -> Result<(), DataError> {
         return Ok(());
     }
     // Both meta pages must be present; the newer one (larger txnid) is the one LMDB uses.
-    if size < 2 * page_size {
-        return Err(truncated(2 * page_size));
+    let mut needed = 2 * page_size;
+    if size >= needed {
+        let mut second = [0u8; META_TXNID + 8];
+        file.seek(SeekFrom::Start(page_size))
+            .and_then(|_| file.read_exact(&mut second))
+            .map_err(io(data_file))?;
+        let newest = if u32_at(&second, META_MAGIC) == LMDB_MAGIC
+            && u64_at(&second, META_TXNID) > u64_at(&first, META_TXNID)
+        {
+            &second
+        } else {
+            &first
+        };
+        needed = u64_at(newest, META_LAST_PAGE)
+            .saturating_add(1)
+            .saturating_mul(page_size);
     }
-    let mut second = vec![0u8; META_TXNID + 8];
-    let skip = page_size - first.len() as u64;
-    std::io::copy(&mut (&mut reader).take(skip), &mut std::io::sink())
-        .map_err(DataError::io(data_file))?;
-    reader
-        .read_exact(&mut second)
-        .map_err(DataError::io(data_file))?;
-    let newest = if u32_at(&second, META_MAGIC) == LMDB_MAGIC
-        && u64_at(&second, META_TXNID) > u64_at(&first, META_TXNID)
-    {
-        &second
-    } else {
-        &first
-    };
-    let needed = u64_at(newest, META_LAST_PAGE)
-        .saturating_add(1)
-        .saturating_mul(page_size);
     if size < needed {
-        return Err(truncated(needed));
+        return Err(DataError::TruncatedLmdb {
+            path: data_file.to_owned(),
+            size,
+            needed,
+        });
     }
     Ok(())
 }
