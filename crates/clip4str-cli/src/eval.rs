@@ -199,11 +199,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let mut failed_total = 0usize;
     let (datasets, benchmark) = resolve_datasets(&args)?;
     for (name, path) in datasets {
-        let dataset =
-            open_dataset_as(&path, &name).with_context(|| format!("opening {}", path.display()))?;
+        let dataset = open_dataset_as(&path, &name)
+            .map_err(|e| crate::name_path_once(e, &path, "opening"))?;
         let mut labels = dataset
             .filtered(&adapter, max_len, true, true)
-            .with_context(|| format!("reading labels of {}", path.display()))?;
+            .map_err(|e| crate::name_path_once(e, &path, "reading labels of"))?;
         for err in &labels.failed {
             eprintln!("error: {name}: {err}");
         }

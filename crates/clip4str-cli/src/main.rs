@@ -82,6 +82,20 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
 }
 
+/// Adds "`what` `path`" to `err` unless its message already names the file: most library errors start with the
+/// path (often a file inside it), and naming it twice only makes the line longer.
+pub(crate) fn name_path_once<E>(err: E, path: &std::path::Path, what: &str) -> anyhow::Error
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let named = path.display().to_string();
+    if err.to_string().contains(&named) {
+        anyhow::Error::new(err)
+    } else {
+        anyhow::Error::new(err).context(format!("{what} {named}"))
+    }
+}
+
 /// The error and its causes on one line, like `{:#}`, but without the repeats that appear when a library error
 /// both prints its source and returns it from `source()`, or when a context names the file its cause already names.
 fn error_chain(err: &anyhow::Error) -> String {
@@ -124,7 +138,7 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::error_chain;
+    use super::{error_chain, name_path_once};
 
     /// Shaped like the library's errors: the message includes the source, which is also returned.
     #[derive(Debug)]
@@ -154,5 +168,20 @@ mod tests {
         );
         let plain = anyhow::anyhow!("inner").context("outer");
         assert_eq!(error_chain(&plain), "outer: inner");
+    }
+
+    #[test]
+    fn a_path_the_error_already_names_is_not_added_again() {
+        let dir = std::path::Path::new("/data/svt");
+        let named = std::io::Error::other("/data/svt/data.mdb: truncated LMDB file");
+        assert_eq!(
+            error_chain(&name_path_once(named, dir, "opening")),
+            "/data/svt/data.mdb: truncated LMDB file"
+        );
+        let unnamed = std::io::Error::other("wrong tensor shape");
+        assert_eq!(
+            error_chain(&name_path_once(unnamed, dir, "opening")),
+            "opening /data/svt: wrong tensor shape"
+        );
     }
 }

@@ -114,15 +114,8 @@ pub fn load_recognizer(args: &ModelArgs, opts: RecognizerOptions) -> anyhow::Res
     };
     let config = load_config(args.config.as_deref())?;
     if let Some(path) = &args.checkpoint {
-        return Recognizer::from_checkpoint(path, config.as_ref(), opts).map_err(|e| {
-            // Most load errors already start with the file's name; name it once.
-            let named = path.display().to_string();
-            if e.to_string().contains(&named) {
-                anyhow::Error::new(e)
-            } else {
-                anyhow::Error::new(e).context(format!("loading checkpoint {named}"))
-            }
-        });
+        return Recognizer::from_checkpoint(path, config.as_ref(), opts)
+            .map_err(|e| crate::name_path_once(e, path, "loading checkpoint"));
     }
     let Some(name) = &args.model else {
         return load_bundled(config.is_some(), opts);

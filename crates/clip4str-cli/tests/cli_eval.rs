@@ -256,3 +256,17 @@ fn shared_lmdb_tiny_matches_read() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_broken_lmdb_is_named_once() {
+    let dir = temp_dir("broken-lmdb");
+    std::fs::write(dir.join("data.mdb"), vec![0u8; 100]).unwrap();
+    let data = dir.to_str().unwrap();
+    let out = clip4str(&["eval", "--data", data]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("not an LMDB file"), "stderr: {stderr}");
+    // The library's message names the folder; the CLI must not name it a second time.
+    assert_eq!(stderr.matches(data).count(), 1, "stderr: {stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}
