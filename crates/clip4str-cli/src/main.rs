@@ -96,8 +96,9 @@ where
     }
 }
 
-/// The error and its causes on one line, like `{:#}`, but without the repeats that appear when a library error
-/// both prints its source and returns it from `source()`, or when a context names the file its cause already names.
+/// The error and its causes on one line, like `{:#}`, but without the repeat that appears when a library error
+/// both prints its source and returns it from `source()` (a context that would name a file its cause already names
+/// is not added in the first place: [`name_path_once`]).
 fn error_chain(err: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in err.chain() {

@@ -193,6 +193,21 @@ fn bad_arguments_are_errors() {
             stderr(&output)
         );
     }
+    // `--out` onto an existing file: the writer's error names the file, and the CLI does not name it again.
+    let file = dir.join("a-file");
+    std::fs::write(&file, b"x").expect("write");
+    let file_arg = file.display().to_string();
+    let output = clip4str(&[
+        "synth", "--out", &file_arg, "--count", "5", "--fonts", &fonts,
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert_eq!(
+        stderr(&output).matches(&file_arg).count(),
+        1,
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(std::fs::read(&file).expect("read"), b"x");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -190,7 +190,7 @@ pub fn run(args: CreateArgs) -> anyhow::Result<ExitCode> {
                         // Created on the first good record, so that a run with none leaves nothing behind.
                         writer = Some(
                             LmdbWriter::create(&args.out)
-                                .with_context(|| format!("creating {}", args.out.display()))?,
+                                .map_err(|e| crate::name_path_once(e, &args.out, "creating"))?,
                         );
                     }
                     writer
