@@ -2,14 +2,14 @@
 //! on its own (dimensions, head counts, charsets, input normalisation).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use clap::{Args, ValueEnum};
 use clip4str::checkpoint::{
-    check_tensors, read_checkpoint, save_safetensors, HYPER_PARAMETERS_METADATA_KEY,
+    check_tensors, read_checkpoint, save_safetensors, RawCheckpoint, HYPER_PARAMETERS_METADATA_KEY,
 };
 use clip4str::config::Clip4StrConfig;
 use clip4str::model::Clip4Str;
@@ -29,7 +29,7 @@ pub enum DtypeArg {
 }
 
 impl DtypeArg {
-    fn dtype(self) -> DType {
+    pub(crate) fn dtype(self) -> DType {
         match self {
             Self::F32 => DType::F32,
             Self::F16 => DType::F16,
@@ -56,58 +56,108 @@ pub struct ConvertArgs {
     pub force: bool,
 }
 
-/// Runs `convert`.
-pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
-    if args.output.exists() && !args.force {
-        anyhow::bail!(
-            "{} already exists; pass --force to replace it",
-            args.output.display()
-        );
-    }
-    if std::fs::canonicalize(&args.input).ok() == std::fs::canonicalize(&args.output).ok()
-        && args.output.exists()
-    {
-        anyhow::bail!("input and output are the same file");
-    }
-    let config = load_config(args.config.as_deref())?;
-    let raw = read_checkpoint(&args.input)?;
-    let cfg = Clip4StrConfig::from_tensors_with(
-        &raw.shapes(),
-        raw.hyper_parameters.as_ref(),
-        config.as_ref(),
-    )
-    .map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?;
+/// A checkpoint read and checked against the model its tensor shapes describe.
+pub(crate) struct ModelFile {
+    pub raw: RawCheckpoint,
+    pub cfg: Clip4StrConfig,
+    /// Every tensor the model uses, with its shape, in the model's order.
+    pub expected: Vec<(String, Vec<usize>)>,
+}
+
+/// Reads `input` and checks it holds exactly the tensors of the model its shapes (or `config`) describe.
+pub(crate) fn load_model_file(
+    input: &Path,
+    config: Option<&serde_json::Value>,
+) -> anyhow::Result<ModelFile> {
+    let raw = read_checkpoint(input)?;
+    let cfg =
+        Clip4StrConfig::from_tensors_with(&raw.shapes(), raw.hyper_parameters.as_ref(), config)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
     let expected = Clip4Str::expected_tensors(&cfg)?;
     check_tensors(&raw, &expected)?;
+    Ok(ModelFile { raw, cfg, expected })
+}
 
-    let dtype = args.dtype.dtype();
-    let mut tensors = Vec::with_capacity(expected.len());
-    for (name, _) in &expected {
-        let t = raw
-            .get(name)
-            .with_context(|| format!("{}: tensor {name} vanished", args.input.display()))?;
-        tensors.push((name.clone(), t.to_dtype(dtype)?));
+/// Refuses to replace an existing `output` without `--force`, and to write over one of the `inputs`.
+pub(crate) fn check_output(output: &Path, inputs: &[PathBuf], force: bool) -> anyhow::Result<()> {
+    if !output.exists() {
+        return Ok(());
     }
+    if !force {
+        anyhow::bail!(
+            "{} already exists; pass --force to replace it",
+            output.display()
+        );
+    }
+    let target = std::fs::canonicalize(output).ok();
+    if inputs
+        .iter()
+        .any(|input| std::fs::canonicalize(input).ok() == target)
+    {
+        anyhow::bail!("{}: input and output are the same file", output.display());
+    }
+    Ok(())
+}
+
+/// Writes `tensors` (in `dtype`) as a self-describing model file: the hyper-parameters that let it load alone,
+/// the input normalisation when the source had one, and `(key, value)` saying where the weights came from.
+pub(crate) fn write_model_file(
+    output: &Path,
+    cfg: &Clip4StrConfig,
+    tensors: Vec<(String, Tensor)>,
+    dtype: DType,
+    normalization: Option<&String>,
+    origin: (&str, String),
+) -> anyhow::Result<()> {
+    let tensors = tensors
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_dtype(dtype)?)))
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let mut metadata = HashMap::new();
     metadata.insert(
         HYPER_PARAMETERS_METADATA_KEY.to_string(),
         cfg.hyper_parameters().to_string(),
     );
     metadata.insert("format".into(), "clip4str".into());
-    if let Some(norm) = raw.metadata.get(Normalization::METADATA_KEY) {
+    if let Some(norm) = normalization {
         metadata.insert(Normalization::METADATA_KEY.into(), norm.clone());
     }
-    if let Some(name) = args.input.file_name() {
-        metadata.insert("converted_from".into(), name.to_string_lossy().into_owned());
-    }
-    save_safetensors(&args.output, &tensors, &metadata)?;
-    let size = std::fs::metadata(&args.output).map_or(0, |m| m.len());
+    metadata.insert(origin.0.into(), origin.1);
+    save_safetensors(output, &tensors, &metadata)?;
+    let size = std::fs::metadata(output).map_or(0, |m| m.len());
     eprintln!(
         "wrote {} ({} tensors, {:?}, {:.1} MB)",
-        args.output.display(),
+        output.display(),
         tensors.len(),
         dtype,
         size as f64 / 1e6
     );
+    Ok(())
+}
+
+/// Runs `convert`.
+pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
+    check_output(&args.output, std::slice::from_ref(&args.input), args.force)?;
+    let config = load_config(args.config.as_deref())?;
+    let ModelFile { raw, cfg, expected } = load_model_file(&args.input, config.as_ref())?;
+    let mut tensors = Vec::with_capacity(expected.len());
+    for (name, _) in &expected {
+        let t = raw
+            .get(name)
+            .with_context(|| format!("{}: tensor {name} vanished", args.input.display()))?;
+        tensors.push((name.clone(), t.clone()));
+    }
+    let source = args.input.file_name().map_or_else(
+        || args.input.display().to_string(),
+        |name| name.to_string_lossy().into_owned(),
+    );
+    write_model_file(
+        &args.output,
+        &cfg,
+        tensors,
+        args.dtype.dtype(),
+        raw.metadata.get(Normalization::METADATA_KEY),
+        ("converted_from", source),
+    )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,5 +1,6 @@
 //! `clip4str`: read scene text with CLIP4STR from the command line.
 
+mod average;
 mod bench;
 mod convert;
 mod data;
@@ -48,6 +49,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Convert any loadable checkpoint to a self-describing safetensors file (optionally f16/bf16).
     Convert(convert::ConvertArgs),
+    /// Average the weights of several checkpoints of one model (a model soup) into one safetensors file.
+    Average(average::AverageArgs),
     /// Build an LMDB from images and a label file, or summarise a dataset (counts, label lengths, charset,
     /// contact sheet).
     Data(data::DataArgs),
@@ -123,6 +126,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run(args),
         Command::Synth(args) => synth::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Average(args) => average::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Data(args) => data::run(args),
         Command::Models(args) => models::run(args),

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 use clip4str::checkpoint::{
-    check_tensors, read_checkpoint, save_safetensors, tensor_problems, CheckpointFormat, LoadError,
-    RawCheckpoint, HYPER_PARAMETERS_METADATA_KEY,
+    average_checkpoints, check_tensors, read_checkpoint, save_safetensors, tensor_problems,
+    CheckpointFormat, LoadError, RawCheckpoint, HYPER_PARAMETERS_METADATA_KEY,
 };
 
 fn fixture(name: &str) -> PathBuf {
@@ -669,4 +669,110 @@ fn archive_problems() {
     let e = err_of(&quant.0);
     assert!(matches!(e, LoadError::UnsupportedFormat { .. }), "{e:?}");
     assert!(e.to_string().contains("QInt8Storage"), "{e}");
+}
+
+/// A checkpoint held in memory, named `file`, with the given tensors.
+fn in_memory(file: &str, tensors: Vec<(&str, Tensor)>) -> RawCheckpoint {
+    RawCheckpoint {
+        path: PathBuf::from(file),
+        format: CheckpointFormat::Safetensors,
+        tensors: tensors
+            .into_iter()
+            .map(|(n, t)| (n.to_string(), t))
+            .collect(),
+        hyper_parameters: None,
+        metadata: HashMap::new(),
+        stripped_prefix: None,
+        notes: Vec::new(),
+    }
+}
+
+fn vector(values: &[f32]) -> Tensor {
+    Tensor::new(values, &Device::Cpu).expect("tensor")
+}
+
+#[test]
+fn averaging_two_f16_files_is_exact_and_weights_are_normalised() {
+    // Values an f16 file can hold, read back as f32 (as read_checkpoint does); the mean of -0 and -0 stays -0.
+    let a = vector(&[0.5, -1.25, 3.0e-3, 1000.0, -0.0])
+        .to_dtype(DType::F16)
+        .and_then(|t| t.to_dtype(DType::F32))
+        .expect("round to f16");
+    let b = vector(&[0.75, 2.0, -7.0e-3, 999.5, -0.0])
+        .to_dtype(DType::F16)
+        .and_then(|t| t.to_dtype(DType::F32))
+        .expect("round to f16");
+    let ones = vector(&[1.0, 1.0]);
+    let first = in_memory(
+        "a.safetensors",
+        vec![("w", a.clone()), ("bias", ones.clone())],
+    );
+    let second = in_memory(
+        "b.safetensors",
+        vec![("bias", ones.clone()), ("w", b.clone())],
+    );
+    let names = vec!["w".to_string(), "bias".to_string()];
+
+    let mean = average_checkpoints(&[first.clone(), second.clone()], &[1.0, 1.0], &names)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(mean.len(), 2);
+    assert_eq!(mean[0].0, "w");
+    let (a, b) = (
+        a.to_vec1::<f32>().expect("a"),
+        b.to_vec1::<f32>().expect("b"),
+    );
+    let expected: Vec<u32> = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| ((x + y) / 2.0).to_bits())
+        .collect();
+    assert_eq!(values(&mean[0].1), expected);
+    assert_eq!(values(&mean[1].1), values(&ones));
+
+    // Weights 3 : 1 mean 0.75 a + 0.25 b, whatever their scale.
+    let skewed = average_checkpoints(&[first, second], &[6.0, 2.0], &names)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let got = skewed[0].1.to_vec1::<f32>().expect("f32");
+    for ((g, x), y) in got.iter().zip(&a).zip(&b) {
+        let want = 0.75 * x + 0.25 * y;
+        assert!(
+            (g - want).abs() <= 1e-6 * want.abs().max(1.0),
+            "{g} vs {want}"
+        );
+    }
+}
+
+#[test]
+fn averaging_names_the_file_that_does_not_fit() {
+    let names = vec!["w".to_string()];
+    let first = in_memory("a.safetensors", vec![("w", vector(&[1.0, 2.0]))]);
+    let longer = in_memory("long.safetensors", vec![("w", vector(&[1.0, 2.0, 3.0]))]);
+    let other = in_memory("other.safetensors", vec![("v", vector(&[1.0, 2.0]))]);
+
+    let err = average_checkpoints(&[first.clone(), longer], &[1.0, 1.0], &names)
+        .expect_err("shapes differ");
+    assert!(matches!(err, LoadError::ShapeMismatch { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("long.safetensors") && msg.contains("[3]"),
+        "{msg}"
+    );
+
+    let err = average_checkpoints(&[first.clone(), other], &[1.0, 1.0], &names)
+        .expect_err("tensor missing");
+    assert!(matches!(err, LoadError::MissingTensor { .. }), "{err:?}");
+    assert!(err.to_string().contains("other.safetensors"), "{err}");
+
+    for (weights, words) in [
+        (vec![1.0], "1 weights for 2 checkpoints"),
+        (vec![1.0, -1.0], "not a finite number"),
+        (vec![1.0, f64::NAN], "not a finite number"),
+        (vec![0.0, 0.0], "all zero"),
+    ] {
+        let err = average_checkpoints(&[first.clone(), first.clone()], &weights, &names)
+            .expect_err("bad weights");
+        assert!(err.to_string().contains(words), "{weights:?}: {err}");
+    }
+    let err = average_checkpoints(&[], &[], &names).expect_err("nothing to average");
+    assert!(err.to_string().contains("nothing to average"), "{err}");
 }

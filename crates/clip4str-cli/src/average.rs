@@ -1,0 +1,144 @@
+//! `clip4str average`: the weighted mean of several checkpoints of one model (a "model soup"), written like
+//! `convert` writes, so that a released or bundled file made this way can be rebuilt by one command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use clip4str::checkpoint::average_checkpoints;
+use clip4str::preprocess::Normalization;
+
+use crate::convert::{check_output, load_model_file, write_model_file, DtypeArg, ModelFile};
+use crate::read::load_config;
+
+/// Arguments of `clip4str average`.
+#[derive(Debug, Args)]
+pub struct AverageArgs {
+    /// Checkpoints of one model (same sizes and charsets), e.g. the ends of runs fine-tuned from one start.
+    #[arg(required = true, num_args = 2..)]
+    pub inputs: Vec<PathBuf>,
+    /// Output safetensors file.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// One weight per input, comma-separated (normalised to sum to 1); default: all equal.
+    #[arg(long, value_delimiter = ',')]
+    pub weights: Option<Vec<f64>>,
+    /// Storage precision of the output.
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    /// JSON with dimensions and head counts for inputs that carry none (layout of tiny_config.json).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Replace OUT if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Runs `average`.
+pub fn run(args: AverageArgs) -> anyhow::Result<ExitCode> {
+    check_output(&args.out, &args.inputs, args.force)?;
+    let weights = args
+        .weights
+        .clone()
+        .unwrap_or_else(|| vec![1.0; args.inputs.len()]);
+    if weights.len() != args.inputs.len() {
+        anyhow::bail!(
+            "--weights has {} values for {} checkpoints",
+            weights.len(),
+            args.inputs.len()
+        );
+    }
+    let config = load_config(args.config.as_deref())?;
+    let files = args
+        .inputs
+        .iter()
+        .map(|input| load_model_file(input, config.as_ref()))
+        .collect::<anyhow::Result<Vec<ModelFile>>>()?;
+    let first = &files[0];
+    let norm_of = |f: &ModelFile| f.raw.metadata.get(Normalization::METADATA_KEY).cloned();
+    for (file, input) in files.iter().zip(&args.inputs).skip(1) {
+        if file.cfg != first.cfg {
+            anyhow::bail!(
+                "{} and {} are different models ({}); only checkpoints of one model can be averaged",
+                args.inputs[0].display(),
+                input.display(),
+                differing_settings(
+                    &first.cfg.hyper_parameters(),
+                    &file.cfg.hyper_parameters()
+                )
+            );
+        }
+        if norm_of(file) != norm_of(first) {
+            anyhow::bail!(
+                "{} and {} expect differently normalised input images; only checkpoints of one model can be \
+                 averaged",
+                args.inputs[0].display(),
+                input.display()
+            );
+        }
+    }
+    let names: Vec<String> = first.expected.iter().map(|(n, _)| n.clone()).collect();
+    let raws: Vec<_> = files.iter().map(|f| f.raw.clone()).collect();
+    let averaged = average_checkpoints(&raws, &weights, &names)?;
+
+    let total: f64 = weights.iter().sum();
+    let origin = args
+        .inputs
+        .iter()
+        .zip(&weights)
+        .map(|(input, w)| {
+            let name = input.file_name().map_or_else(
+                || input.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            format!("{name} ({:.4})", w / total)
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    write_model_file(
+        &args.out,
+        &first.cfg,
+        averaged,
+        args.dtype.dtype(),
+        norm_of(first).as_ref(),
+        ("averaged_from", origin),
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The hyper-parameter names whose values differ between two models (nested ones as `clip_arch.embed_dim`), for
+/// the error message.
+fn differing_settings(a: &serde_json::Value, b: &serde_json::Value) -> String {
+    fn collect(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        match (a.as_object(), b.as_object()) {
+            (Some(a), Some(b)) => {
+                let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+                keys.sort();
+                keys.dedup();
+                for key in keys {
+                    let null = serde_json::Value::Null;
+                    let name = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
+                    collect(
+                        &name,
+                        a.get(key).unwrap_or(&null),
+                        b.get(key).unwrap_or(&null),
+                        out,
+                    );
+                }
+            }
+            _ if a != b => out.push(prefix.to_string()),
+            _ => {}
+        }
+    }
+    let mut names = Vec::new();
+    collect("", a, b, &mut names);
+    if names.is_empty() {
+        "their settings differ".into()
+    } else {
+        format!("{} differ", names.join(", "))
+    }
+}
