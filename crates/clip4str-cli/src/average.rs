@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use clip4str::checkpoint::average_checkpoints;
+use clip4str::checkpoint::{RawCheckpoint, WeightedAverage};
 use clip4str::preprocess::Normalization;
 
 use crate::convert::{check_output, load_model_file, write_model_file, DtypeArg, ModelFile};
@@ -49,26 +49,27 @@ pub fn run(args: AverageArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let config = load_config(args.config.as_deref())?;
-    let files = args
-        .inputs
-        .iter()
-        .map(|input| load_model_file(input, config.as_ref()))
-        .collect::<anyhow::Result<Vec<ModelFile>>>()?;
-    let first = &files[0];
-    let norm_of = |f: &ModelFile| f.raw.metadata.get(Normalization::METADATA_KEY).cloned();
-    for (file, input) in files.iter().zip(&args.inputs).skip(1) {
-        if file.cfg != first.cfg {
+    // One file at a time: the running sum and the file being added are all that is held in memory.
+    let norm_of = |raw: &RawCheckpoint| raw.metadata.get(Normalization::METADATA_KEY).cloned();
+    let ModelFile { raw, cfg, expected } = load_model_file(&args.inputs[0], config.as_ref())?;
+    let normalization = norm_of(&raw);
+    let mut average = WeightedAverage::new(expected.into_iter().map(|(n, _)| n).collect());
+    average.add(&raw, weights[0])?;
+    drop(raw);
+    for (input, weight) in args.inputs.iter().zip(&weights).skip(1) {
+        let file = load_model_file(input, config.as_ref())?;
+        if file.cfg != cfg {
             anyhow::bail!(
                 "{} and {} are different models ({}); only checkpoints of one model can be averaged",
                 args.inputs[0].display(),
                 input.display(),
                 differing_settings(
-                    &first.cfg.hyper_parameters(),
+                    &cfg.hyper_parameters(),
                     &file.cfg.hyper_parameters()
                 )
             );
         }
-        if norm_of(file) != norm_of(first) {
+        if norm_of(&file.raw) != normalization {
             anyhow::bail!(
                 "{} and {} expect differently normalised input images; only checkpoints of one model can be \
                  averaged",
@@ -76,10 +77,9 @@ pub fn run(args: AverageArgs) -> anyhow::Result<ExitCode> {
                 input.display()
             );
         }
+        average.add(&file.raw, *weight)?;
     }
-    let names: Vec<String> = first.expected.iter().map(|(n, _)| n.clone()).collect();
-    let raws: Vec<_> = files.iter().map(|f| f.raw.clone()).collect();
-    let averaged = average_checkpoints(&raws, &weights, &names)?;
+    let averaged = average.finish()?;
 
     let total: f64 = weights.iter().sum();
     let origin = args
@@ -97,10 +97,10 @@ pub fn run(args: AverageArgs) -> anyhow::Result<ExitCode> {
         .join(", ");
     write_model_file(
         &args.out,
-        &first.cfg,
+        &cfg,
         averaged,
         args.dtype.dtype(),
-        norm_of(first).as_ref(),
+        normalization.as_ref(),
         ("averaged_from", origin),
     )?;
     Ok(ExitCode::SUCCESS)

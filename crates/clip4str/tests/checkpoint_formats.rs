@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use candle_core::{DType, Device, Tensor};
 use clip4str::checkpoint::{
     average_checkpoints, check_tensors, read_checkpoint, save_safetensors, tensor_problems,
-    CheckpointFormat, LoadError, RawCheckpoint, HYPER_PARAMETERS_METADATA_KEY,
+    CheckpointFormat, LoadError, RawCheckpoint, WeightedAverage, HYPER_PARAMETERS_METADATA_KEY,
 };
 
 fn fixture(name: &str) -> PathBuf {
@@ -775,4 +775,26 @@ fn averaging_names_the_file_that_does_not_fit() {
     }
     let err = average_checkpoints(&[], &[], &names).expect_err("nothing to average");
     assert!(err.to_string().contains("nothing to average"), "{err}");
+}
+
+#[test]
+fn a_file_that_does_not_fit_leaves_the_running_average_unchanged() {
+    let names = vec!["w".to_string(), "v".to_string()];
+    let mut average = WeightedAverage::new(names);
+    let good = in_memory(
+        "a.safetensors",
+        vec![("w", vector(&[2.0, 4.0])), ("v", vector(&[1.0]))],
+    );
+    // `w` fits, `v` does not: neither may enter the sum.
+    let bad = in_memory(
+        "bad.safetensors",
+        vec![("w", vector(&[100.0, 100.0])), ("v", vector(&[1.0, 1.0]))],
+    );
+    average.add(&good, 1.0).unwrap_or_else(|e| panic!("{e}"));
+    let err = average.add(&bad, 1.0).expect_err("v has another shape");
+    assert!(err.to_string().contains("bad.safetensors"), "{err}");
+    average.add(&good, 3.0).unwrap_or_else(|e| panic!("{e}"));
+    let mean = average.finish().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(mean[0].1.to_vec1::<f32>().expect("w"), vec![2.0, 4.0]);
+    assert_eq!(mean[1].1.to_vec1::<f32>().expect("v"), vec![1.0]);
 }
