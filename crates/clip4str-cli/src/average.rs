@@ -8,7 +8,7 @@ use clap::Args;
 use clip4str::checkpoint::{RawCheckpoint, WeightedAverage};
 use clip4str::preprocess::Normalization;
 
-use crate::convert::{check_output, load_model_file, write_model_file, DtypeArg, ModelFile};
+use crate::convert::{check_output, load_model_file, write_model_file, ModelFile, WriteArgs};
 use crate::read::load_config;
 
 /// Arguments of `clip4str average`.
@@ -23,20 +23,13 @@ pub struct AverageArgs {
     /// One weight per input, comma-separated (normalised to sum to 1); default: all equal.
     #[arg(long, value_delimiter = ',')]
     pub weights: Option<Vec<f64>>,
-    /// Storage precision of the output.
-    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
-    pub dtype: DtypeArg,
-    /// JSON with dimensions and head counts for inputs that carry none (layout of tiny_config.json).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Replace OUT if it exists.
-    #[arg(long)]
-    pub force: bool,
+    #[command(flatten)]
+    pub write: WriteArgs,
 }
 
 /// Runs `average`.
 pub fn run(args: AverageArgs) -> anyhow::Result<ExitCode> {
-    check_output(&args.out, &args.inputs, args.force)?;
+    check_output(&args.out, &args.inputs, args.write.force)?;
     let weights = args
         .weights
         .clone()
@@ -48,7 +41,7 @@ pub fn run(args: AverageArgs) -> anyhow::Result<ExitCode> {
             args.inputs.len()
         );
     }
-    let config = load_config(args.config.as_deref())?;
+    let config = load_config(args.write.config.as_deref())?;
     // One file at a time: the running sum and the file being added are all that is held in memory.
     let norm_of = |raw: &RawCheckpoint| raw.metadata.get(Normalization::METADATA_KEY).cloned();
     let ModelFile { raw, cfg, expected } = load_model_file(&args.inputs[0], config.as_ref())?;
@@ -99,7 +92,7 @@ pub fn run(args: AverageArgs) -> anyhow::Result<ExitCode> {
         &args.out,
         &cfg,
         averaged,
-        args.dtype.dtype(),
+        args.write.dtype.dtype(),
         normalization.as_ref(),
         ("averaged_from", origin),
     )?;

@@ -45,13 +45,20 @@ pub struct ConvertArgs {
     pub input: PathBuf,
     /// Output safetensors file.
     pub output: PathBuf,
+    #[command(flatten)]
+    pub write: WriteArgs,
+}
+
+/// Options of the commands that write a model file (`convert`, `average`).
+#[derive(Debug, Args)]
+pub struct WriteArgs {
     /// Storage precision.
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
     /// JSON with dimensions and head counts for inputs that carry none (layout of tiny_config.json).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Replace OUTPUT if it exists.
+    /// Replace the output file if it exists.
     #[arg(long)]
     pub force: bool,
 }
@@ -137,8 +144,12 @@ pub(crate) fn write_model_file(
 
 /// Runs `convert`.
 pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
-    check_output(&args.output, std::slice::from_ref(&args.input), args.force)?;
-    let config = load_config(args.config.as_deref())?;
+    check_output(
+        &args.output,
+        std::slice::from_ref(&args.input),
+        args.write.force,
+    )?;
+    let config = load_config(args.write.config.as_deref())?;
     let ModelFile { raw, cfg, expected } = load_model_file(&args.input, config.as_ref())?;
     let mut tensors = Vec::with_capacity(expected.len());
     for (name, _) in &expected {
@@ -155,7 +166,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         &args.output,
         &cfg,
         tensors,
-        args.dtype.dtype(),
+        args.write.dtype.dtype(),
         raw.metadata.get(Normalization::METADATA_KEY),
         ("converted_from", source),
     )?;

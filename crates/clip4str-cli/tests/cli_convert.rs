@@ -1,4 +1,6 @@
-//! End-to-end tests of `clip4str convert`: the converted file loads alone and reads like the original.
+//! End-to-end tests of the commands that write model files. `convert`: the converted file loads alone and reads like
+//! the original. `average`: the mean of one model's files loads alone and reads like the model; files of different
+//! models, bad weights and taken outputs are refused with the file named.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -16,6 +18,10 @@ fn clip4str(args: &[&str]) -> Output {
 
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// `read --format json` over the committed synthetic images with `checkpoint`.
@@ -147,4 +153,128 @@ fn broken_input_is_named() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("broken.ckpt"));
     assert!(!out_path.exists());
+}
+
+/// The `__metadata__` of a safetensors file.
+fn metadata(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).expect("read output");
+    let len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: serde_json::Value =
+        serde_json::from_slice(&bytes[8..8 + len]).expect("safetensors header");
+    header["__metadata__"].clone()
+}
+
+#[test]
+fn mean_of_one_models_files_reads_like_the_model() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out_path = tmp.path().join("soup.safetensors");
+    let ckpt = fixtures().join("tiny.ckpt");
+    // The same weights as a bare `.pt` state dict, which needs the head counts from --config.
+    let pt = fixtures().join("tiny.pt");
+    let config = fixtures().join("tiny_config.json");
+    let out = clip4str(&[
+        "average",
+        path_str(&ckpt),
+        path_str(&pt),
+        "--out",
+        path_str(&out_path),
+        "--config",
+        path_str(&config),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("wrote"), "{}", stderr(&out));
+    // The mean of equal weights is those weights, bit for bit, so the reads are identical.
+    assert_eq!(read_json(&out_path), read_json(&ckpt));
+    let meta = metadata(&out_path);
+    assert_eq!(
+        meta["averaged_from"],
+        "tiny.ckpt (0.5000), tiny.pt (0.5000)"
+    );
+    assert_eq!(meta["format"], "clip4str");
+}
+
+#[test]
+fn different_models_are_refused_and_named() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out_path = tmp.path().join("soup.safetensors");
+    let tiny = fixtures().join("tiny.ckpt");
+    let bundled = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models/default/clip4str-small.safetensors");
+    let out = clip4str(&[
+        "average",
+        path_str(&tiny),
+        path_str(&bundled),
+        "--out",
+        path_str(&out_path),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let msg = stderr(&out);
+    assert!(
+        msg.contains("tiny.ckpt")
+            && msg.contains("clip4str-small.safetensors")
+            && msg.contains("different models")
+            && msg.contains("embed_dim"),
+        "{msg}"
+    );
+    assert!(
+        !out_path.exists(),
+        "a refused average must not leave a file"
+    );
+}
+
+#[test]
+fn bad_weights_taken_outputs_and_broken_inputs_are_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out_path = tmp.path().join("soup.safetensors");
+    let ckpt = fixtures().join("tiny.ckpt");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "average",
+            path_str(&ckpt),
+            path_str(&ckpt),
+            "--out",
+            path_str(&out_path),
+        ];
+        args.extend_from_slice(extra);
+        clip4str(&args)
+    };
+    for (weights, words) in [
+        ("1", "--weights has 1 values for 2 checkpoints"),
+        ("1,-2", "not a finite number"),
+        ("0,0", "all zero"),
+    ] {
+        let out = run(&["--weights", weights]);
+        assert_eq!(out.status.code(), Some(2), "{weights}: {}", stderr(&out));
+        assert!(stderr(&out).contains(words), "{weights}: {}", stderr(&out));
+        assert!(!out_path.exists());
+    }
+
+    // One input is not an average.
+    let out = clip4str(&["average", path_str(&ckpt), "--out", path_str(&out_path)]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+
+    let bad = tmp.path().join("broken.ckpt");
+    std::fs::write(&bad, b"PK\x03\x04 not really a zip").expect("write");
+    let out = clip4str(&[
+        "average",
+        path_str(&ckpt),
+        path_str(&bad),
+        "--out",
+        path_str(&out_path),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("broken.ckpt"), "{}", stderr(&out));
+    assert!(!out_path.exists());
+
+    std::fs::write(&out_path, b"precious").expect("write");
+    let out = run(&["--weights", "3,1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&out_path).expect("read"), b"precious");
+    let out = run(&["--weights", "3,1", "--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        metadata(&out_path)["averaged_from"],
+        "tiny.ckpt (0.7500), tiny.ckpt (0.2500)"
+    );
 }
