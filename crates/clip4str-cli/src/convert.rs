@@ -130,6 +130,11 @@ pub(crate) fn write_model_file(
         metadata.insert(Normalization::METADATA_KEY.into(), norm.clone());
     }
     metadata.insert(origin.0.into(), origin.1);
+    // `--out runs/new/x.safetensors` should not fail for want of a folder, as `train` and `synth` do not.
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the folder {}", dir.display()))?;
+    }
     save_safetensors(output, &tensors, &metadata)?;
     let size = std::fs::metadata(output).map_or(0, |m| m.len());
     eprintln!(

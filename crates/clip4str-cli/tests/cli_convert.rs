@@ -167,7 +167,8 @@ fn metadata(path: &Path) -> serde_json::Value {
 #[test]
 fn mean_of_one_models_files_reads_like_the_model() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let out_path = tmp.path().join("soup.safetensors");
+    // A folder that does not exist yet is created, as the rebuild script's `--out runs/default-p9avg/...` needs.
+    let out_path = tmp.path().join("new").join("soup.safetensors");
     let ckpt = fixtures().join("tiny.ckpt");
     // The same weights as a bare `.pt` state dict, which needs the head counts from --config.
     let pt = fixtures().join("tiny.pt");

@@ -90,6 +90,13 @@ pub enum LoadError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The file cannot be written (no such folder, permissions, disk full, ...); saying "read" here would
+    /// send the user looking at the wrong file.
+    #[error("checkpoint {}: cannot write the file: {source}", .path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// Not a checkpoint we can read (text, image, legacy torch format, ...).
     #[error("checkpoint {}: unsupported format: {reason}", .path.display())]
     UnsupportedFormat { path: PathBuf, reason: String },
@@ -459,7 +466,7 @@ pub fn save_safetensors(
         path: path.to_path_buf(),
         reason,
     };
-    let io = |source| LoadError::Io {
+    let io = |source| LoadError::Write {
         path: path.to_path_buf(),
         source,
     };

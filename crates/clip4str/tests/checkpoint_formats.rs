@@ -347,8 +347,9 @@ fn save_rejects_bad_input() {
         Tensor::ones(1, DType::F32, &Device::Cpu).expect("t"),
     )];
     let e = save_safetensors(&nowhere, &one, &HashMap::new()).expect_err("no dir");
-    assert!(matches!(e, LoadError::Io { .. }), "{e:?}");
+    assert!(matches!(e, LoadError::Write { .. }), "{e:?}");
     assert!(e.to_string().contains("x.safetensors"), "{e}");
+    assert!(e.to_string().contains("cannot write"), "{e}");
 }
 
 #[test]
