@@ -52,7 +52,27 @@ $bin train --config models/default/train-phase6.toml
 $bin convert --force --dtype f16 runs/default-p6/last.safetensors runs/default-p6/last-f16.safetensors
 $bin train --config models/default/train-phase8.toml --stop-at 750
 $bin train --resume runs/default-p8 --max-steps 2250
-$bin convert --force --dtype f16 runs/default-p8/last.safetensors models/default/clip4str-small.safetensors
+$bin convert --force --dtype f16 runs/default-p8/last.safetensors runs/default-p8/last-f16.safetensors
+# Phase 9 (CPU, phase 8's recipe again from its f16 file on fresh crops; 4,000 steps planned, re-planned to 3,500 at
+# step 1,000; about 117 minutes here).
+$bin train --config models/default/train-phase9.toml --stop-at 1000
+$bin train --resume runs/default-p9 --max-steps 3500
+$bin convert --force --dtype f16 runs/default-p9/last.safetensors runs/default-p9/last-f16.safetensors
+# The half-and-half average of phases 8 and 9, the start of phase 10.
+$bin average runs/default-p8/last-f16.safetensors runs/default-p9/last-f16.safetensors \
+    --dtype f16 --force --out runs/default-p9avg/avg-f16.safetensors
+# Phase 10 (CPU, a quarter of phase 9's learning rate from the average; 3,000 steps planned, re-planned to 2,500 at
+# step 1,500; about 102 minutes here).
+$bin train --config models/default/train-phase10.toml --stop-at 1500
+$bin train --resume runs/default-p10 --max-steps 2500
+$bin convert --force --dtype f16 runs/default-p10/last.safetensors runs/default-p10/last-f16.safetensors
+cp runs/default-p10/last-f16.safetensors models/default/clip4str-small.safetensors
 # Figures for the model card:
 $bin eval --checkpoint models/default/clip4str-small.safetensors --batch-size 32 \
     --data data/synth_short_heldout data/synth_heldout data/synth_heldout_v2 ../shared/data/CUTE80_288 ../shared/data/SVTP_645
+# Per held-out family: 150 crops of each family alone (seed 779, v2's seed), each its own set.
+$bin synth --list-fonts --font-split heldout 2>/dev/null | while IFS=$'\t' read -r family files; do
+    read -ra family_files <<< "$files"
+    synth "heldout_family/$family" --count 150 --seed 779 --font-split all --fonts "${family_files[@]}"
+done
+$bin eval --checkpoint models/default/clip4str-small.safetensors --batch-size 32 --data data/heldout_family

@@ -291,10 +291,10 @@ fn bundled_model_reads_the_examples_offline() {
         .count();
     let acc = doc["combined"]["accuracy"].as_f64().expect("accuracy");
     assert!((acc - 100.0 * correct as f64 / 10.0).abs() < 1e-9, "{doc}");
-    // The shipped file reads 9 of the 10 (models/default/README.md; `lanquage`): a weaker file must not slip
-    // in unnoticed. One miss of slack, as before: another CPU's rounding could flip a character of a close call.
+    // The shipped file reads 8 of the 10 (models/default/README.md; `exil`, `stret`): a weaker file must not
+    // slip in unnoticed. One miss of slack: another CPU's rounding could flip a character of a close call.
     assert!(
-        correct >= 8,
+        correct >= 7,
         "the bundled model read only {correct} of 10 examples right"
     );
 }
