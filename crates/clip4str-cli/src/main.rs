@@ -2,6 +2,7 @@
 
 mod average;
 mod bench;
+mod compare;
 mod convert;
 mod data;
 mod device;
@@ -51,6 +52,8 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Average the weights of several checkpoints of one model (a model soup) into one safetensors file.
     Average(average::AverageArgs),
+    /// Compare two models image by image from their `eval --dump` files (exact McNemar test per dataset).
+    Compare(compare::CompareArgs),
     /// Build an LMDB from images and a label file, or summarise a dataset (counts, label lengths, charset,
     /// contact sheet).
     Data(data::DataArgs),
@@ -127,6 +130,7 @@ fn main() -> ExitCode {
         Command::Synth(args) => synth::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Average(args) => average::run(args),
+        Command::Compare(args) => compare::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Data(args) => data::run(args),
         Command::Models(args) => models::run(args),

@@ -1,4 +1,5 @@
-//! End-to-end tests of `clip4str eval`: an LMDB written here, a labels.tsv folder, the shared lmdb_tiny.
+//! End-to-end tests of `clip4str eval`: an LMDB written here, a labels.tsv folder, the shared lmdb_tiny; and of
+//! `clip4str compare` on its dumps.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -269,4 +270,86 @@ fn a_broken_lmdb_is_named_once() {
     // The library's message names the folder; the CLI must not name it a second time.
     assert_eq!(stderr.matches(data).count(), 1, "stderr: {stderr}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn compare_pairs_two_dumps_image_by_image() {
+    let root = temp_dir("compare");
+    let set = root.join("words");
+    std::fs::create_dir_all(&set).unwrap();
+    let mut labels = String::new();
+    for (i, img) in synth_images().iter().enumerate() {
+        let name = format!("w{i}.png");
+        std::fs::copy(img, set.join(&name)).unwrap();
+        labels.push_str(&format!("{name}\tword{i}\n"));
+    }
+    std::fs::write(set.join("labels.tsv"), labels).unwrap();
+    let dump_a = root.join("a.jsonl");
+    let out = clip4str(&[
+        "eval",
+        "--checkpoint",
+        &ckpt(),
+        "--data",
+        set.to_str().unwrap(),
+        "--dump",
+        dump_a.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Model "B": the same records with some verdicts flipped, and its last record missing.
+    let a = dump_lines(&dump_a);
+    assert!(a.len() >= 4, "{a:?}");
+    let mut b = a.clone();
+    b.pop();
+    let (mut only_a, mut only_b) = (0, 0);
+    for (i, rec) in b.iter_mut().enumerate() {
+        let a_correct = rec["correct"].as_bool().unwrap();
+        let b_correct = i % 2 == 0;
+        only_a += usize::from(a_correct && !b_correct);
+        only_b += usize::from(b_correct && !a_correct);
+        rec["correct"] = b_correct.into();
+    }
+    let dump_b = root.join("b.jsonl");
+    let b_text: Vec<String> = b.iter().map(|r| r.to_string()).collect();
+    std::fs::write(&dump_b, b_text.join("\n") + "\n").unwrap();
+
+    let out = clip4str(&[
+        "compare",
+        dump_a.to_str().unwrap(),
+        dump_b.to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("1 record(s) only in A"), "{stderr}");
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = &rows[0];
+    assert_eq!(row["dataset"], "words");
+    assert_eq!(row["paired"], b.len());
+    assert_eq!(row["only_a"], only_a);
+    assert_eq!(row["only_b"], only_b);
+    let p = clip4str::eval::paired::mcnemar_exact(only_a, only_b);
+    assert!(
+        (row["p_value"].as_f64().unwrap() - p).abs() < 1e-12,
+        "{row}"
+    );
+
+    // A file that is not a dump is named with its line.
+    std::fs::write(root.join("bad.jsonl"), "{\"dataset\": \"words\"}\n").unwrap();
+    let out = clip4str(&[
+        "compare",
+        dump_a.to_str().unwrap(),
+        root.join("bad.jsonl").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("bad.jsonl: line 1: no \"key\" field"),
+        "{stderr}"
+    );
 }

@@ -2,6 +2,8 @@
 //! and normalised edit distance (ICDAR 2019 N.E.D.), per-dataset sums, the percentages test.py prints, the
 //! sample-weighted "Combined" row and its markdown table, character for character.
 
+pub mod paired;
+
 /// test.py's "Benchmark (Subset)" group (`SceneTextDataModule.TEST_BENCHMARK_SUB`, same list as the full one).
 pub const TEST_BENCHMARK_SUB: [&str; 9] = [
     "IIIT5k",
