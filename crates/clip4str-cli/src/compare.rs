@@ -114,7 +114,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
 fn table(rows: &[DatasetComparison]) -> String {
     let width = rows
         .iter()
-        .map(|r| r.dataset.len())
+        .map(|r| r.dataset.chars().count())
         .max()
         .unwrap_or(0)
         .max("Dataset".len());

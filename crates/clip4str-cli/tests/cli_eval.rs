@@ -300,22 +300,49 @@ fn compare_pairs_two_dumps_image_by_image() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // Model "B": the same records with some verdicts flipped, and its last record missing.
-    let a = dump_lines(&dump_a);
+    // Verdicts set here, so that both kinds of disagreement occur whatever the tiny model reads: A is the
+    // dump with only its first image right; B has the even-numbered images right, lacks A's last record and
+    // lists its records in reverse, so that only pairing by key, not by line, gives the expected counts.
+    let mut a = dump_lines(&dump_a);
     assert!(a.len() >= 4, "{a:?}");
+    for (i, rec) in a.iter_mut().enumerate() {
+        rec["correct"] = (i == 0).into();
+    }
     let mut b = a.clone();
     b.pop();
-    let (mut only_a, mut only_b) = (0, 0);
     for (i, rec) in b.iter_mut().enumerate() {
-        let a_correct = rec["correct"].as_bool().unwrap();
-        let b_correct = i % 2 == 0;
-        only_a += usize::from(a_correct && !b_correct);
-        only_b += usize::from(b_correct && !a_correct);
-        rec["correct"] = b_correct.into();
+        rec["correct"] = (i % 2 == 0).into();
     }
+    b.reverse();
+    let counts = |pairs: Vec<(&serde_json::Value, &serde_json::Value)>| {
+        let verdicts = pairs.iter().map(|(x, y)| {
+            (
+                x["correct"].as_bool().unwrap(),
+                y["correct"].as_bool().unwrap(),
+            )
+        });
+        verdicts.fold((0, 0), |(only_a, only_b), (x, y)| {
+            (only_a + usize::from(x && !y), only_b + usize::from(y && !x))
+        })
+    };
+    let by_key = counts(
+        a.iter()
+            .filter_map(|x| b.iter().find(|y| y["key"] == x["key"]).map(|y| (x, y)))
+            .collect(),
+    );
+    assert_ne!(
+        by_key,
+        counts(a.iter().zip(&b).collect()),
+        "the test must tell keys from lines"
+    );
+    let (only_a, only_b) = by_key;
+    let write = |path: &Path, records: &[serde_json::Value]| {
+        let lines: Vec<String> = records.iter().map(|r| r.to_string()).collect();
+        std::fs::write(path, lines.join("\n") + "\n").unwrap();
+    };
+    write(&dump_a, &a);
     let dump_b = root.join("b.jsonl");
-    let b_text: Vec<String> = b.iter().map(|r| r.to_string()).collect();
-    std::fs::write(&dump_b, b_text.join("\n") + "\n").unwrap();
+    write(&dump_b, &b);
 
     let out = clip4str(&[
         "compare",

@@ -90,8 +90,8 @@ pub enum LoadError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// The file cannot be written (no such folder, permissions, disk full, ...); saying "read" here would
-    /// send the user looking at the wrong file.
+    /// The file cannot be written (no such folder, permissions, disk full, ...): kept apart from `Io` so that
+    /// the message says which of the two failed.
     #[error("checkpoint {}: cannot write the file: {source}", .path.display())]
     Write {
         path: PathBuf,
