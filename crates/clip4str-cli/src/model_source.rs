@@ -13,7 +13,6 @@ use clip4str::recognizer::{Precision as LibPrecision, Recognizer, RecognizerOpti
 
 use crate::device::DeviceArg;
 use crate::hub::{self, HubOptions};
-use crate::read::load_config;
 use crate::registry::{self, Source};
 
 /// How the bundled model is named in messages.
@@ -67,7 +66,7 @@ impl Precision {
         let precision = match self {
             Self::F32 => LibPrecision::F32,
             Self::Bf16 => {
-                if !clip4str::nn::packed::native_supported() {
+                if !clip4str::nn::bf16_native_supported() {
                     eprintln!(
                         "warning: this CPU lacks AVX512-BF16; --precision bf16 runs an emulation that is \
                          slower than f32"
@@ -115,7 +114,7 @@ pub fn load_recognizer(args: &ModelArgs, opts: RecognizerOptions) -> anyhow::Res
     let config = load_config(args.config.as_deref())?;
     if let Some(path) = &args.checkpoint {
         return Recognizer::from_checkpoint(path, config.as_ref(), opts)
-            .map_err(|e| crate::name_path_once(e, path, "loading checkpoint"));
+            .map_err(|e| crate::error_chain::name_path_once(e, path, "loading checkpoint"));
     }
     let Some(name) = &args.model else {
         return load_bundled(config.is_some(), opts);
@@ -147,4 +146,14 @@ fn load_bundled(has_config: bool, opts: RecognizerOptions) -> anyhow::Result<Rec
     let raw = read_checkpoint_bytes(Path::new(BUNDLED_NAME), BUNDLED)?;
     Recognizer::from_raw(&raw, None, opts)
         .with_context(|| format!("loading the {BUNDLED_NAME} model"))
+}
+
+/// Reads a `--config` JSON file, if given.
+pub fn load_config(path: Option<&Path>) -> anyhow::Result<Option<serde_json::Value>> {
+    let Some(p) = path else { return Ok(None) };
+    let text =
+        std::fs::read_to_string(p).with_context(|| format!("reading config {}", p.display()))?;
+    let json =
+        serde_json::from_str(&text).with_context(|| format!("parsing config {}", p.display()))?;
+    Ok(Some(json))
 }

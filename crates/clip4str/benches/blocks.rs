@@ -10,7 +10,7 @@ use clip4str::clip::transformer::ResidualAttentionBlock;
 use clip4str::config::Clip4StrConfig;
 use clip4str::decoder::ContentCache;
 use clip4str::model::Clip4Str;
-use clip4str::nn::fused;
+use clip4str::nn::Mode;
 use criterion::{criterion_group, criterion_main, Criterion};
 
 /// Builds a module on a `VarMap`, fills it with random values and rebuilds it from plain tensors, so that
@@ -36,22 +36,32 @@ fn plain<M>(build: impl Fn(VarBuilder) -> M) -> M {
     build(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu))
 }
 
-/// Runs `f` once with the fused kernels and once with the composites, as `{name}/fused` and `/composite`.
-fn both(c: &mut Criterion, name: &str, mut f: impl FnMut() -> Tensor) {
+/// Runs `f(mode)` once with the fused kernels and once with the composites, as `{name}/fused` and
+/// `/composite`.
+fn both(c: &mut Criterion, name: &str, f: impl Fn(Mode) -> Tensor) {
     let mut group = c.benchmark_group(name);
     group.sample_size(20);
-    for (label, on) in [("fused", true), ("composite", false)] {
-        fused::set_enabled(on);
-        group.bench_function(label, |b| b.iter(|| black_box(f())));
+    for (label, fused) in [("fused", true), ("composite", false)] {
+        let mode = Mode {
+            fused,
+            ..Mode::default()
+        };
+        group.bench_function(label, |b| b.iter(|| black_box(f(mode))));
     }
-    fused::set_enabled(true);
     group.finish();
 }
 
 fn vit_block(c: &mut Criterion) {
     let block = plain(|vb| ResidualAttentionBlock::new(768, 12, vb).expect("block"));
     let x = Tensor::randn(0f32, 1.0, (1, 197, 768), &Device::Cpu).expect("input");
-    both(c, "vit_b16_block", || {
+    let fused = block.clone();
+    let mut composite = block;
+    composite.set_mode(Mode {
+        fused: false,
+        ..Mode::default()
+    });
+    both(c, "vit_b16_block", |mode| {
+        let block = if mode.fused { &fused } else { &composite };
         block.forward(&x, None).expect("block")
     });
 }
@@ -63,6 +73,10 @@ fn decoder_step(c: &mut Criterion) {
         .into_iter()
         .collect();
     let model = Clip4Str::from_tensors(&cfg, weights, &Device::Cpu).expect("model");
+    let composite = model.with_mode(Mode {
+        fused: false,
+        ..Mode::default()
+    });
     let decoder = &model.visual_decoder;
     let memory = Tensor::randn(0f32, 1.0, (1, 197, cfg.decoder.dim), &Device::Cpu).expect("memory");
     let memory = decoder.memory_kv(&memory).expect("memory kv");
@@ -75,7 +89,12 @@ fn decoder_step(c: &mut Criterion) {
             .expect("content");
     }
     let query = decoder.queries(1, 12, 1).expect("query");
-    both(c, "b16_decoder_step", || {
+    both(c, "b16_decoder_step", |mode| {
+        let decoder = if mode.fused {
+            decoder
+        } else {
+            &composite.visual_decoder
+        };
         decoder.step(&cache, &memory, &query).expect("step")
     });
 }

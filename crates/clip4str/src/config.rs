@@ -9,6 +9,121 @@ use serde::{Deserialize, Serialize};
 
 use crate::charset::{CHARSET_36, CHARSET_94};
 
+/// Why a configuration could not be inferred, overridden or accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// Shape inference needs a tensor the file lacks.
+    #[error("tensor {name} is missing, cannot infer the model size")]
+    MissingTensor {
+        /// The tensor's state-dict name.
+        name: String,
+    },
+    /// A tensor has fewer dimensions than shape inference reads.
+    #[error("tensor {name} has shape {shape:?}, expected at least {needed} dims")]
+    TooFewDims {
+        /// The tensor's state-dict name.
+        name: String,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// How many dimensions are read.
+        needed: usize,
+    },
+    /// An encoder or decoder without blocks.
+    #[error("no transformer blocks found (is this a CLIP4STR state dict?)")]
+    NoBlocks,
+    /// The visual positional table cannot hold a class token and patches.
+    #[error(
+        "clip_model.visual.positional_embedding has {rows} rows, expected a class token plus patches"
+    )]
+    NoPatches {
+        /// Rows of the table.
+        rows: usize,
+    },
+    /// Without an image size, the patches must form a square grid.
+    #[error("{patches} patches do not form a square grid; give the image size in the config")]
+    NotSquare {
+        /// Number of patches.
+        patches: usize,
+    },
+    /// The classification head and the training charset disagree.
+    #[error(
+        "visual_decoder.head.weight predicts {classes} classes but the charset has {characters} characters (+1 EOS)"
+    )]
+    CharsetMismatch {
+        /// Classes of the head.
+        classes: usize,
+        /// Characters of the charset.
+        characters: usize,
+    },
+    /// A head count that shapes cannot show and the released rule cannot give.
+    #[error(
+        "{part} width {width} is not a multiple of 64, so its head count cannot be inferred \
+         (the released sizes use width / 64); give the heads in a config file (--config)"
+    )]
+    UnknownHeads {
+        /// `vision`, `text` or `decoder`.
+        part: &'static str,
+        /// Its width.
+        width: usize,
+    },
+    /// Heads that do not divide the width.
+    #[error("{part}: width {width} is not divisible by {heads} heads")]
+    IndivisibleHeads {
+        /// `vision`, `text` or `decoder`.
+        part: &'static str,
+        /// Its width.
+        width: usize,
+        /// The head count.
+        heads: usize,
+    },
+    /// The decoders read CLIP features, so their width is CLIP's embedding dimension.
+    #[error("decoder width {decoder} differs from the CLIP embedding dimension {embed}")]
+    DecoderWidth {
+        /// Decoder width.
+        decoder: usize,
+        /// CLIP embedding dimension.
+        embed: usize,
+    },
+    /// The caption context is longer than the text positional table.
+    #[error("context length {context} does not fit the text positional table of {rows} rows")]
+    ContextLength {
+        /// Tokens per caption.
+        context: usize,
+        /// Rows of the table.
+        rows: usize,
+    },
+    /// The image is not tiled by the patches.
+    #[error("image size {height}x{width} is not a multiple of the patch size {ph}x{pw}")]
+    PatchMismatch {
+        /// Image height.
+        height: usize,
+        /// Image width.
+        width: usize,
+        /// Patch height.
+        ph: usize,
+        /// Patch width.
+        pw: usize,
+    },
+    /// An override key this crate does not read (a typo would otherwise change nothing, silently).
+    #[error("config key {key:?} is not known; known keys: {known}")]
+    UnknownKey {
+        /// The key as written.
+        key: String,
+        /// The keys that are read, comma-separated.
+        known: String,
+    },
+    /// An override value of the wrong type.
+    #[error("config key {key:?} must be {expected}, not {found}")]
+    WrongType {
+        /// The key, with its section (`derived.vision_heads`).
+        key: String,
+        /// What the key takes.
+        expected: &'static str,
+        /// The JSON value found.
+        found: String,
+    },
+}
+
 /// CLIP ViT image encoder dimensions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VisionConfig {
@@ -242,7 +357,7 @@ impl Clip4StrConfig {
     pub fn from_tensors(
         shapes: &[(String, Vec<usize>)],
         hparams: Option<&serde_json::Value>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ConfigError> {
         Self::from_tensors_with(shapes, hparams, None)
     }
 
@@ -251,21 +366,20 @@ impl Clip4StrConfig {
         shapes: &[(String, Vec<usize>)],
         hparams: Option<&serde_json::Value>,
         config_override: Option<&serde_json::Value>,
-    ) -> Result<Self, String> {
-        let shape = |name: &str| -> Result<&Vec<usize>, String> {
+    ) -> Result<Self, ConfigError> {
+        let shape = |name: &str| -> Result<&Vec<usize>, ConfigError> {
             shapes
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, s)| s)
-                .ok_or_else(|| format!("tensor {name} is missing, cannot infer the model size"))
+                .ok_or_else(|| ConfigError::MissingTensor { name: name.into() })
         };
-        let dim = |name: &str, i: usize| -> Result<usize, String> {
+        let dim = |name: &str, i: usize| -> Result<usize, ConfigError> {
             let s = shape(name)?;
-            s.get(i).copied().ok_or_else(|| {
-                format!(
-                    "tensor {name} has shape {s:?}, expected at least {} dims",
-                    i + 1
-                )
+            s.get(i).copied().ok_or_else(|| ConfigError::TooFewDims {
+                name: name.into(),
+                shape: s.clone(),
+                needed: i + 1,
             })
         };
         let count_blocks = |prefix: &str| -> usize {
@@ -297,12 +411,10 @@ impl Clip4StrConfig {
         let mlp_hidden = dim("visual_decoder.layers.0.linear1.weight", 0)?;
         let depth = count_blocks("visual_decoder.layers.");
         if vl == 0 || tl == 0 || depth == 0 {
-            return Err("no transformer blocks found (is this a CLIP4STR state dict?)".into());
+            return Err(ConfigError::NoBlocks);
         }
         if pos_rows < 2 {
-            return Err(format!(
-                "clip_model.visual.positional_embedding has {pos_rows} rows, expected a class token plus patches"
-            ));
+            return Err(ConfigError::NoPatches { rows: pos_rows });
         }
 
         let hp = |key: &str| hparams.and_then(|h| h.get(key));
@@ -336,10 +448,10 @@ impl Clip4StrConfig {
             .map(str::to_string)
             .unwrap_or_else(|| CHARSET_94.to_string());
         if charset_train.chars().count() + 1 != num_classes {
-            return Err(format!(
-                "visual_decoder.head.weight predicts {num_classes} classes but the charset has {} characters (+1 EOS)",
-                charset_train.chars().count()
-            ));
+            return Err(ConfigError::CharsetMismatch {
+                classes: num_classes,
+                characters: charset_train.chars().count(),
+            });
         }
         let charset_test = hp("charset_test")
             .and_then(|v| v.as_str())
@@ -380,24 +492,19 @@ impl Clip4StrConfig {
         };
         let mut cfg = cfg;
         if let Some(json) = config_override {
-            cfg.apply_override_unchecked(json);
+            cfg.apply_override_unchecked(json)?;
         }
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Check that head counts divide widths and the pieces fit together.
-    pub fn validate(&self) -> Result<(), String> {
-        let check_heads = |what: &str, width: usize, heads: usize| {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let check_heads = |part: &'static str, width: usize, heads: usize| {
             if heads == 0 {
-                Err(format!(
-                    "{what} width {width} is not a multiple of 64, so its head count cannot be inferred \
-                     (the released sizes use width / 64); give the heads in a config file (--config)"
-                ))
+                Err(ConfigError::UnknownHeads { part, width })
             } else if !width.is_multiple_of(heads) {
-                Err(format!(
-                    "{what}: width {width} is not divisible by {heads} heads"
-                ))
+                Err(ConfigError::IndivisibleHeads { part, width, heads })
             } else {
                 Ok(())
             }
@@ -406,95 +513,182 @@ impl Clip4StrConfig {
         check_heads("text", self.text.width, self.text.heads)?;
         check_heads("decoder", self.decoder.dim, self.decoder.heads)?;
         if self.decoder.dim != self.embed_dim {
-            return Err(format!(
-                "decoder width {} differs from the CLIP embedding dimension {}",
-                self.decoder.dim, self.embed_dim
-            ));
+            return Err(ConfigError::DecoderWidth {
+                decoder: self.decoder.dim,
+                embed: self.embed_dim,
+            });
         }
         if self.context_length == 0 || self.context_length > self.text.positional_rows {
-            return Err(format!(
-                "context length {} does not fit the text positional table of {} rows",
-                self.context_length, self.text.positional_rows
-            ));
+            return Err(ConfigError::ContextLength {
+                context: self.context_length,
+                rows: self.text.positional_rows,
+            });
         }
         let [ph, pw] = self.vision.patch_size;
-        let [h, w] = self.vision.image_size;
-        if ph == 0 || pw == 0 || !h.is_multiple_of(ph) || !w.is_multiple_of(pw) {
-            return Err(format!(
-                "image size {h}x{w} is not a multiple of the patch size {ph}x{pw}"
-            ));
+        let [height, width] = self.vision.image_size;
+        if ph == 0 || pw == 0 || !height.is_multiple_of(ph) || !width.is_multiple_of(pw) {
+            return Err(ConfigError::PatchMismatch {
+                height,
+                width,
+                ph,
+                pw,
+            });
         }
         Ok(())
     }
 
     /// Apply a JSON override in the layout of `tiny_config.json` (`hyper_parameters`, `clip_arch`,
-    /// `derived`) or a flat object with the same keys as this struct's fields.
-    pub fn apply_override(&mut self, json: &serde_json::Value) -> Result<(), String> {
-        self.apply_override_unchecked(json);
+    /// `derived`) or a flat object with the keys [`OVERRIDE_KEYS`] names. An unknown top-level key, or a key
+    /// that is read but holds the wrong type, is an error naming it. Inside the three sections other keys are
+    /// the reference's own records and are passed over.
+    pub fn apply_override(&mut self, json: &serde_json::Value) -> Result<(), ConfigError> {
+        self.apply_override_unchecked(json)?;
         self.validate()
     }
 
-    fn apply_override_unchecked(&mut self, json: &serde_json::Value) {
-        let get = |keys: &[&str]| -> Option<&serde_json::Value> {
-            for section in ["derived", "clip_arch", "hyper_parameters"] {
+    fn apply_override_unchecked(&mut self, json: &serde_json::Value) -> Result<(), ConfigError> {
+        let Some(top) = json.as_object() else {
+            return Err(ConfigError::WrongType {
+                key: "(the whole file)".into(),
+                expected: "a JSON object",
+                found: json.to_string(),
+            });
+        };
+        for key in top.keys() {
+            let known = OVERRIDE_KEYS.contains(&key.as_str())
+                || OVERRIDE_SECTIONS.contains(&key.as_str())
+                || OVERRIDE_RECORDS.contains(&key.as_str())
+                || key.starts_with("note");
+            if !known {
+                return Err(ConfigError::UnknownKey {
+                    key: key.clone(),
+                    known: [OVERRIDE_SECTIONS.as_slice(), OVERRIDE_KEYS.as_slice()]
+                        .concat()
+                        .join(", "),
+                });
+            }
+        }
+        // The first of `keys` found, sections first, with its full name for messages.
+        let get = |keys: &[&str]| -> Option<(String, &serde_json::Value)> {
+            for section in OVERRIDE_SECTIONS {
                 if let Some(sec) = json.get(section) {
                     for k in keys {
                         if let Some(v) = sec.get(*k) {
-                            return Some(v);
+                            return Some((format!("{section}.{k}"), v));
                         }
                     }
                 }
             }
-            keys.iter().find_map(|k| json.get(*k))
+            keys.iter()
+                .find_map(|k| json.get(*k).map(|v| (k.to_string(), v)))
         };
-        let as_usize = |v: &serde_json::Value| v.as_u64().map(|v| v as usize);
-        let set = |target: &mut usize, keys: &[&str]| {
-            if let Some(v) = get(keys).and_then(as_usize) {
-                *target = v;
+        let wrong = |key: String, expected: &'static str, value: &serde_json::Value| {
+            ConfigError::WrongType {
+                key,
+                expected,
+                found: value.to_string(),
             }
         };
-        set(&mut self.vision.heads, &["vision_heads"]);
-        set(&mut self.vision.width, &["vision_width"]);
-        set(&mut self.vision.layers, &["vision_layers"]);
-        set(&mut self.text.heads, &["text_heads", "transformer_heads"]);
-        set(&mut self.text.width, &["text_width", "transformer_width"]);
+        const COUNT: &str = "a non-negative integer";
+        let as_usize = |v: &serde_json::Value| v.as_u64().map(|v| v as usize);
+        let set = |target: &mut usize, keys: &[&str]| -> Result<(), ConfigError> {
+            if let Some((key, v)) = get(keys) {
+                *target = as_usize(v).ok_or_else(|| wrong(key, COUNT, v))?;
+            }
+            Ok(())
+        };
+        set(&mut self.vision.heads, &["vision_heads"])?;
+        set(&mut self.vision.width, &["vision_width"])?;
+        set(&mut self.vision.layers, &["vision_layers"])?;
+        set(&mut self.text.heads, &["text_heads", "transformer_heads"])?;
+        set(&mut self.text.width, &["text_width", "transformer_width"])?;
         set(
             &mut self.text.layers,
             &["text_layers", "transformer_layers"],
-        );
-        set(&mut self.decoder.heads, &["decoder_heads", "dec_num_heads"]);
-        set(&mut self.decoder.depth, &["decoder_layers", "dec_depth"]);
-        set(&mut self.embed_dim, &["embed_dim"]);
-        set(&mut self.max_label_length, &["max_label_length"]);
+        )?;
+        set(&mut self.decoder.heads, &["decoder_heads", "dec_num_heads"])?;
+        set(&mut self.decoder.depth, &["decoder_layers", "dec_depth"])?;
+        set(&mut self.embed_dim, &["embed_dim"])?;
+        set(&mut self.max_label_length, &["max_label_length"])?;
         set(
             &mut self.context_length,
             &["context_length_used", "text_context_length_used"],
-        );
-        if let Some(v) = get(&["image_size", "img_size"]).and_then(|v| v.as_array()) {
-            if let [h, w] = v.as_slice() {
-                if let (Some(h), Some(w)) = (as_usize(h), as_usize(w)) {
-                    self.vision.image_size = [h, w];
-                }
+        )?;
+        if let Some((key, v)) = get(&["image_size", "img_size"]) {
+            const PAIR: &str = "[height, width]";
+            let Some([h, w]) = v
+                .as_array()
+                .map(Vec::as_slice)
+                .and_then(|a| <&[_; 2]>::try_from(a).ok())
+            else {
+                return Err(wrong(key, PAIR, v));
+            };
+            let (Some(h), Some(w)) = (as_usize(h), as_usize(w)) else {
+                return Err(wrong(key, PAIR, v));
+            };
+            self.vision.image_size = [h, w];
+        }
+        for (target, name) in [
+            (&mut self.charset_train, "charset_train"),
+            (&mut self.charset_test, "charset_test"),
+        ] {
+            if let Some((key, v)) = get(&[name]) {
+                *target = v
+                    .as_str()
+                    .ok_or_else(|| wrong(key, "a string", v))?
+                    .to_string();
             }
         }
-        if let Some(v) = get(&["charset_train"]).and_then(|v| v.as_str()) {
-            self.charset_train = v.to_string();
+        if let Some((key, v)) = get(&["text_freeze_nlayer"]) {
+            self.text_freeze_nlayer = v.as_i64().ok_or_else(|| wrong(key, "an integer", v))?;
         }
-        if let Some(v) = get(&["charset_test"]).and_then(|v| v.as_str()) {
-            self.charset_test = v.to_string();
-        }
-        if let Some(v) = get(&["text_freeze_nlayer"]).and_then(|v| v.as_i64()) {
-            self.text_freeze_nlayer = v;
-        }
+        Ok(())
     }
 }
 
-fn square_size(patches: usize, ph: usize, pw: usize) -> Result<[usize; 2], String> {
+/// Keys an override sets, flat or inside a section.
+pub const OVERRIDE_KEYS: [&str; 22] = [
+    "vision_heads",
+    "vision_width",
+    "vision_layers",
+    "text_heads",
+    "transformer_heads",
+    "text_width",
+    "transformer_width",
+    "text_layers",
+    "transformer_layers",
+    "decoder_heads",
+    "dec_num_heads",
+    "decoder_layers",
+    "dec_depth",
+    "embed_dim",
+    "max_label_length",
+    "context_length_used",
+    "text_context_length_used",
+    "image_size",
+    "img_size",
+    "charset_train",
+    "charset_test",
+    "text_freeze_nlayer",
+];
+
+/// The sections of `tiny_config.json` an override reads, in the order they are searched.
+const OVERRIDE_SECTIONS: [&str; 3] = ["derived", "clip_arch", "hyper_parameters"];
+
+/// The other top-level records of `tiny_config.json`, kept there for people and passed over.
+const OVERRIDE_RECORDS: [&str; 6] = [
+    "description",
+    "init",
+    "preprocessing",
+    "files",
+    "num_tensors",
+    "num_params",
+];
+
+fn square_size(patches: usize, ph: usize, pw: usize) -> Result<[usize; 2], ConfigError> {
     let g = (patches as f64).sqrt().round() as usize;
     if g * g != patches {
-        return Err(format!(
-            "{patches} patches do not form a square grid; give the image size in the config"
-        ));
+        return Err(ConfigError::NotSquare { patches });
     }
     Ok([g * ph, g * pw])
 }
@@ -521,6 +715,44 @@ mod tests {
     #[test]
     fn missing_tensor_is_an_error() {
         let err = Clip4StrConfig::from_tensors(&[], None).unwrap_err();
-        assert!(err.contains("clip_model.visual.conv1.weight"), "{err}");
+        assert_eq!(
+            err,
+            ConfigError::MissingTensor {
+                name: "clip_model.visual.conv1.weight".into()
+            }
+        );
+    }
+
+    #[test]
+    fn overrides_name_unknown_keys_and_wrong_types() {
+        let mut cfg = Clip4StrConfig::tiny();
+        let typo = serde_json::json!({ "vision_head": 2 });
+        match cfg.apply_override(&typo) {
+            Err(ConfigError::UnknownKey { key, known }) => {
+                assert_eq!(key, "vision_head");
+                assert!(known.contains("vision_heads"), "{known}");
+            }
+            other => panic!("a misspelt key was taken: {other:?}"),
+        }
+        let text = serde_json::json!({ "derived": { "vision_heads": "2" } });
+        let err = cfg.apply_override(&text).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"config key "derived.vision_heads" must be a non-negative integer, not "2""#
+        );
+        let size = serde_json::json!({ "image_size": [64] });
+        assert!(matches!(
+            cfg.apply_override(&size),
+            Err(ConfigError::WrongType { key, .. }) if key == "image_size"
+        ));
+        // The sections' own records (the reference's hyper-parameters) are passed over; read keys still apply.
+        let layout = serde_json::json!({
+            "description": "tiny",
+            "note_heads": "read heads from this file",
+            "hyper_parameters": { "lr": 1e-4, "dec_num_heads": 2 },
+        });
+        cfg.apply_override(&layout)
+            .expect("tiny_config.json layout");
+        assert_eq!(cfg.decoder.heads, 2);
     }
 }

@@ -4,7 +4,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::DecoderConfig;
-use crate::nn::{dropout, KeyValue, LayerNorm, Linear, MultiheadAttention};
+use crate::nn::{dropout, KeyValue, LayerNorm, Linear, Mode, MultiheadAttention};
 
 /// One pre-LN two-stream layer (XLNet style): a query stream and a content stream sharing weights.
 #[derive(Debug, Clone)]
@@ -55,6 +55,23 @@ impl DecoderLayer {
             norm_c: LayerNorm::new(d, vb.pp("norm_c"))?,
             dropout,
         })
+    }
+
+    /// Computes in `mode` from now on.
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.self_attn.set_mode(mode);
+        self.cross_attn.set_mode(mode);
+        for linear in [&mut self.linear1, &mut self.linear2] {
+            linear.set_mode(mode);
+        }
+        for norm in [
+            &mut self.norm1,
+            &mut self.norm2,
+            &mut self.norm_q,
+            &mut self.norm_c,
+        ] {
+            norm.set_mode(mode);
+        }
     }
 
     /// Projects the image (or cross-modal) memory into this layer's cross-attention keys/values.
@@ -199,6 +216,13 @@ impl Decoder {
             dim: cfg.dim,
             dropout,
         })
+    }
+
+    /// Computes in `mode` from now on.
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.layers.iter_mut().for_each(|l| l.set_mode(mode));
+        self.norm.set_mode(mode);
+        self.head.set_mode(mode);
     }
 
     /// Projects `memory [B, S, D]` for every layer's cross-attention.

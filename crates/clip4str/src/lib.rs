@@ -3,7 +3,35 @@
 //! The crate mirrors the paper's figure: a CLIP ViT image encoder ([`clip::vision`]), a PARSeq
 //! two-stream visual decoder ([`decoder`]), the CLIP text encoder over the visual prediction
 //! ([`clip::text`]) and a cross-modal decoder over `[image tokens ; text tokens]` ([`model`]).
-//! It does no network access and prints nothing.
+//! Which network a checkpoint holds is decided in one place, [`family`]. The crate does no network access
+//! and prints nothing.
+//!
+//! # Reading a word
+//!
+//! Load a checkpoint once (any released `.ckpt` or `.pt`, or our safetensors; its size comes from the tensor
+//! shapes), then read decoded images:
+//!
+//! ```
+//! use std::path::Path;
+//!
+//! use clip4str::{decode_rgb, Recognizer, RecognizerOptions};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let model = Path::new("../../models/default/clip4str-small.safetensors");
+//! let recognizer = Recognizer::from_checkpoint(model, None, RecognizerOptions::default())?;
+//! let image = decode_rgb(&std::fs::read("../../examples/images/word01.png")?)?;
+//! let predictions = recognizer.recognize(&[image])?;
+//! println!("{}\t{:.4}", predictions[0].text, predictions[0].confidence);
+//! assert_eq!(predictions[0].text, "Vision");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Features
+//!
+//! `train` (on by default) adds the trainer ([`train`]), its data loader and augmentation, and the synthetic
+//! word renderer ([`data::synth`]). A program that only reads images builds with `default-features = false`
+//! and compiles none of their crates (random numbers, fonts, TOML).
 
 // The MKL build links the library through this crate; nothing else refers to it.
 #[cfg(feature = "mkl")]
@@ -23,8 +51,22 @@ pub mod config;
 pub mod data;
 pub mod decoder;
 pub mod eval;
+pub mod family;
 pub mod model;
 pub mod nn;
 pub mod preprocess;
 pub mod recognizer;
+#[cfg(feature = "train")]
 pub mod train;
+
+pub use charset::{CharsetAdapter, CharsetError, CharsetTokenizer};
+pub use checkpoint::{read_checkpoint, CheckpointFormat, LoadError, RawCheckpoint};
+pub use config::{Clip4StrConfig, ConfigError, DecoderConfig, TextConfig, VisionConfig};
+pub use data::{open_dataset, DataError, Dataset};
+pub use family::{identify, Model, ModelConfig, ModelFamily};
+pub use model::{Clip4Str, ForwardOptions, Stage, StageObserver, Trace};
+pub use nn::{Mode, Precision};
+pub use preprocess::{decode_rgb, ImageError, Normalization};
+pub use recognizer::{Prediction, Recognizer, RecognizerError, RecognizerOptions};
+#[cfg(feature = "train")]
+pub use train::{TrainConfig, TrainError, Trainer};

@@ -4,7 +4,6 @@
 //! text features being recomputed from the refined visual logits.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -15,7 +14,7 @@ use crate::clip::text::TextTransformer;
 use crate::clip::vision::VisionTransformer;
 use crate::config::Clip4StrConfig;
 use crate::decoder::{ContentCache, Decoder, DecoderMasks, MemoryKv};
-use crate::nn::causal_mask;
+use crate::nn::{causal_mask, Mode};
 
 /// The whole CLIP4STR network; field names follow the state-dict prefixes.
 #[derive(Clone)]
@@ -92,30 +91,57 @@ pub struct Trace {
     pub text_feats_refine: Option<Tensor>,
     /// The output: refined cross-modal logits `[B, num_steps, C]`.
     pub final_logits: Tensor,
-    /// Wall time of each stage of this forward.
-    pub timings: StageTimings,
 }
 
-/// Where a forward spends its time (CPU ops are synchronous, so wall time per stage is exact).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct StageTimings {
+/// The stages of a forward pass (SPEC §8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
     /// Image encoder (ViT).
-    pub encoder: Duration,
+    Encoder,
     /// Visual decoder: memory projection and AR decoding.
-    pub visual_decode: Duration,
-    /// CLIP text encoder, every call (AR captions and refined captions).
-    pub text_encoder: Duration,
+    VisualDecode,
+    /// CLIP text encoder over captions (after AR decoding, and again inside each refinement pass).
+    TextEncoder,
     /// Cross-modal decoder: AR decoding over `[image ; text]`.
-    pub cross_decode: Duration,
-    /// Refinement passes of both decoders (text encoder excluded).
-    pub refine: Duration,
+    CrossDecode,
+    /// A refinement pass of one decoder (the text encoder between them excluded).
+    Refine,
 }
 
-impl StageTimings {
-    /// Sum of all stages.
-    pub fn total(&self) -> Duration {
-        self.encoder + self.visual_decode + self.text_encoder + self.cross_decode + self.refine
-    }
+/// Hears each stage of a forward pass end, e.g. to time it: the model keeps no clock. Everything since the
+/// previous call belongs to `stage`.
+pub trait StageObserver {
+    /// `stage` has just finished one of its runs.
+    fn stage_done(&mut self, stage: Stage);
+}
+
+/// No observer.
+impl StageObserver for () {
+    fn stage_done(&mut self, _: Stage) {}
+}
+
+/// What the visual decoder's AR pass leaves for the next steps.
+struct VisualPass {
+    /// The visual decoder's projection of the image tokens, reused by refinement.
+    kv: MemoryKv,
+    /// AR logits `[B, T, C]`.
+    logits: Tensor,
+    /// The decoded ids, `[BOS] + predictions`, `num_steps` per row.
+    tgt: Vec<Vec<u32>>,
+}
+
+/// Captions from logits and their text features.
+struct TextPass {
+    captions: Vec<String>,
+    ids: Tensor,
+    features: Tensor,
+}
+
+/// What the refinement passes produce.
+struct RefinePass {
+    vis_logits: Tensor,
+    text: TextPass,
+    cross_logits: Tensor,
 }
 
 /// Per-row argmax of `[B, T, C]` logits as host ids `[B][T]`.
@@ -194,6 +220,21 @@ impl Clip4Str {
             bpe: Arc::new(ClipBpe::new()),
             cfg: cfg.clone(),
         })
+    }
+
+    /// Computes in `mode` from now on.
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.visual.set_mode(mode);
+        self.text.set_mode(mode);
+        self.visual_decoder.set_mode(mode);
+        self.cross_decoder.set_mode(mode);
+    }
+
+    /// The same model computing in `mode`; the weights (and packed forms) are shared with `self`.
+    pub fn with_mode(&self, mode: Mode) -> Self {
+        let mut model = self.clone();
+        model.set_mode(mode);
+        model
     }
 
     /// Builds the model on `device` from named f32 tensors (e.g. freshly initialised weights).
@@ -340,127 +381,188 @@ impl Clip4Str {
         adapter: &CharsetAdapter,
         opts: &ForwardOptions,
     ) -> Result<Trace> {
-        let device = images.device().clone();
+        self.forward_observed(images, adapter, opts, &mut ())
+    }
+
+    /// [`Self::forward_trace`], telling `observer` as each stage ends.
+    pub fn forward_observed(
+        &self,
+        images: &Tensor,
+        adapter: &CharsetAdapter,
+        opts: &ForwardOptions,
+        observer: &mut dyn StageObserver,
+    ) -> Result<Trace> {
         let images = images.to_dtype(DType::F32)?;
-        let mut timings = StageTimings::default();
-        let clock = Instant::now();
         let memory = self.encode(&images)?;
-        timings.encoder = clock.elapsed();
-        let clock = Instant::now();
-        let b = memory.dim(0)?;
+        observer.stage_done(Stage::Encoder);
         let testing = opts.max_length.is_none();
         let max_len = self.cfg.max_label_length;
         let num_steps = opts.max_length.map_or(max_len, |l| l.min(max_len)) + 1;
-        let (bos, pad) = (self.tokenizer.bos_id(), self.tokenizer.pad_id());
 
-        // Visual AR decoding.
-        let vis_kv = {
-            let _span = tracing::debug_span!("visual_decode").entered();
-            self.visual_decoder.memory_kv(&memory)?
-        };
-        let mut tgt: Vec<Vec<u32>> = (0..b)
+        let mut visual = self.visual_decode(&memory, num_steps, testing)?;
+        observer.stage_done(Stage::VisualDecode);
+        let t = visual.logits.dim(1)?;
+        let lengths = (opts.per_sample_stop && testing).then(|| self.own_lengths(&visual.tgt, t));
+
+        // Cross-modal features from the visual prediction, then cross-modal AR decoding (no early stop).
+        let text_ar = self.text_encode(&visual.logits, adapter)?;
+        observer.stage_done(Stage::TextEncoder);
+        let cross_logits = self.cross_decode(&memory, &text_ar.features, &mut visual.tgt, t)?;
+        observer.stage_done(Stage::CrossDecode);
+
+        let refined = self.refine(
+            &memory,
+            &visual,
+            &cross_logits,
+            num_steps,
+            lengths.as_deref(),
+            adapter,
+            opts.refine_iters,
+            observer,
+        )?;
+        let (refine_vis_logits, captions_refine, text_ids_refine, text_feats_refine, final_logits) =
+            match refined {
+                Some(r) => (
+                    Some(r.vis_logits),
+                    r.text.captions,
+                    Some(r.text.ids),
+                    Some(r.text.features),
+                    r.cross_logits,
+                ),
+                None => (None, Vec::new(), None, None, cross_logits.clone()),
+            };
+        Ok(Trace {
+            memory,
+            num_ar_steps: t,
+            vis_logits: visual.logits,
+            captions_ar: text_ar.captions,
+            text_ids_ar: text_ar.ids,
+            text_feats_ar: text_ar.features,
+            cross_logits,
+            refine_vis_logits,
+            captions_refine,
+            text_ids_refine,
+            text_feats_refine,
+            final_logits,
+        })
+    }
+
+    /// The visual decoder over the image tokens: AR decoding of `num_steps` positions, stopping early (batch-wide)
+    /// in testing mode.
+    fn visual_decode(
+        &self,
+        memory: &Tensor,
+        num_steps: usize,
+        testing: bool,
+    ) -> Result<VisualPass> {
+        let _span = tracing::debug_span!("visual_decode").entered();
+        let (bos, pad) = (self.tokenizer.bos_id(), self.tokenizer.pad_id());
+        let kv = self.visual_decoder.memory_kv(memory)?;
+        let mut tgt: Vec<Vec<u32>> = (0..memory.dim(0)?)
             .map(|_| {
                 let mut row = vec![pad; num_steps];
                 row[0] = bos;
                 row
             })
             .collect();
-        let vis_logits = {
-            let _span = tracing::debug_span!("visual_decode").entered();
-            self.decode_ar(
-                &self.visual_decoder,
-                &vis_kv,
-                &mut tgt,
-                num_steps,
-                testing,
-                &device,
-            )?
-        };
-        timings.visual_decode = clock.elapsed();
-        let t = vis_logits.dim(1)?;
-        // Each sample's own AR length: the step after its first EOS (what it would run alone).
-        let lengths: Option<Vec<usize>> = (opts.per_sample_stop && testing).then(|| {
-            tgt.iter()
-                .map(|row| {
-                    row[1..t.min(row.len())]
-                        .iter()
-                        .position(|&x| x == self.tokenizer.eos_id())
-                        .map_or(t, |p| p + 1)
-                })
-                .collect()
-        });
+        let logits = self.decode_ar(
+            &self.visual_decoder,
+            &kv,
+            &mut tgt,
+            num_steps,
+            testing,
+            memory.device(),
+        )?;
+        Ok(VisualPass { kv, logits, tgt })
+    }
 
-        // Cross-modal features from the visual prediction, then cross-modal AR decoding (no early stop).
-        let clock = Instant::now();
-        let captions_ar = self.captions(&vis_logits, adapter)?;
-        let (text_ids_ar, text_feats_ar) = self.text_features(&captions_ar, &device)?;
-        timings.text_encoder = clock.elapsed();
-        let clock = Instant::now();
-        let cross_memory = Tensor::cat(&[&memory, &text_feats_ar], 1)?;
-        let cross_logits = {
-            let _span = tracing::debug_span!("cross_decode").entered();
-            let kv = self.cross_decoder.memory_kv(&cross_memory)?;
-            self.decode_ar(&self.cross_decoder, &kv, &mut tgt, t, false, &device)?
-        };
-        timings.cross_decode = clock.elapsed();
+    /// Each sample's own AR length: the step after its first EOS (what it would run alone).
+    fn own_lengths(&self, tgt: &[Vec<u32>], t: usize) -> Vec<usize> {
+        tgt.iter()
+            .map(|row| {
+                row[1..t.min(row.len())]
+                    .iter()
+                    .position(|&x| x == self.tokenizer.eos_id())
+                    .map_or(t, |p| p + 1)
+            })
+            .collect()
+    }
 
-        // Refinement with the cloze mask: both branches see all their other predictions.
-        let mut vis_logits_cur = vis_logits.clone();
-        let mut cross_logits_cur = cross_logits.clone();
-        let mut refine_vis_logits = None;
-        let mut captions_refine = Vec::new();
-        let mut text_ids_refine = None;
-        let mut text_feats_refine = None;
-        for _ in 0..opts.refine_iters {
+    /// Captions from `logits` (after the charset adapter) through the CLIP text encoder.
+    fn text_encode(&self, logits: &Tensor, adapter: &CharsetAdapter) -> Result<TextPass> {
+        let captions = self.captions(logits, adapter)?;
+        let (ids, features) = self.text_features(&captions, logits.device())?;
+        Ok(TextPass {
+            captions,
+            ids,
+            features,
+        })
+    }
+
+    /// The cross-modal decoder over `[image tokens ; text tokens]`: `t` AR steps, no early stop; `tgt` receives
+    /// its predictions.
+    fn cross_decode(
+        &self,
+        memory: &Tensor,
+        text_features: &Tensor,
+        tgt: &mut [Vec<u32>],
+        t: usize,
+    ) -> Result<Tensor> {
+        let _span = tracing::debug_span!("cross_decode").entered();
+        let cross_memory = Tensor::cat(&[memory, text_features], 1)?;
+        let kv = self.cross_decoder.memory_kv(&cross_memory)?;
+        self.decode_ar(&self.cross_decoder, &kv, tgt, t, false, memory.device())
+    }
+
+    /// `iters` refinement passes with the cloze mask, so both branches see all their other predictions: the
+    /// visual decoder refines its logits, their captions are re-encoded, and the cross-modal decoder refines its
+    /// own over the new text features. `None` when `iters` is 0.
+    #[allow(clippy::too_many_arguments)]
+    fn refine(
+        &self,
+        memory: &Tensor,
+        visual: &VisualPass,
+        cross_logits: &Tensor,
+        num_steps: usize,
+        lengths: Option<&[usize]>,
+        adapter: &CharsetAdapter,
+        iters: usize,
+        observer: &mut dyn StageObserver,
+    ) -> Result<Option<RefinePass>> {
+        let mut vis_logits = visual.logits.clone();
+        let mut cross_logits = cross_logits.clone();
+        let mut last = None;
+        for _ in 0..iters {
             let _span = tracing::debug_span!("refine").entered();
-            let clock = Instant::now();
             let vis_ref = self.refine_pass(
                 &self.visual_decoder,
-                &vis_kv,
-                &vis_logits_cur,
+                &visual.kv,
+                &vis_logits,
                 num_steps,
-                lengths.as_deref(),
+                lengths,
             )?;
-            timings.refine += clock.elapsed();
-            let clock = Instant::now();
-            let caps = self.captions(&vis_ref, adapter)?;
-            let (ids, feats) = self.text_features(&caps, &device)?;
-            timings.text_encoder += clock.elapsed();
-            let clock = Instant::now();
-            let cross_memory = Tensor::cat(&[&memory, &feats], 1)?;
+            observer.stage_done(Stage::Refine);
+            let text = self.text_encode(&vis_ref, adapter)?;
+            observer.stage_done(Stage::TextEncoder);
+            let cross_memory = Tensor::cat(&[memory, &text.features], 1)?;
             let cross_kv = self.cross_decoder.memory_kv(&cross_memory)?;
-            let final_logits = self.refine_pass(
+            // A second pass refines the refined logits over the full query length.
+            cross_logits = self.refine_pass(
                 &self.cross_decoder,
                 &cross_kv,
-                &cross_logits_cur,
+                &cross_logits,
                 num_steps,
-                lengths.as_deref(),
+                lengths,
             )?;
-            timings.refine += clock.elapsed();
-            // A second pass refines the refined logits over the full query length.
-            vis_logits_cur = vis_ref.clone();
-            cross_logits_cur = final_logits;
-            refine_vis_logits = Some(vis_ref);
-            captions_refine = caps;
-            text_ids_refine = Some(ids);
-            text_feats_refine = Some(feats);
+            observer.stage_done(Stage::Refine);
+            vis_logits = vis_ref;
+            last = Some(RefinePass {
+                vis_logits: vis_logits.clone(),
+                text,
+                cross_logits: cross_logits.clone(),
+            });
         }
-
-        Ok(Trace {
-            memory,
-            num_ar_steps: t,
-            vis_logits,
-            captions_ar,
-            text_ids_ar,
-            text_feats_ar,
-            cross_logits,
-            refine_vis_logits,
-            captions_refine,
-            text_ids_refine,
-            text_feats_refine,
-            final_logits: cross_logits_cur,
-            timings,
-        })
+        Ok(last)
     }
 }
 

@@ -4,28 +4,100 @@
 //! `softmax_last_dim` drop gradients silently, and the same modules serve training. Inference (inputs that
 //! track no gradient) takes the kernels of [`fused`] instead, which refuse anything that does.
 
-pub mod fused;
-pub mod fused_grad;
-pub mod packed;
+pub(crate) mod fused;
+pub(crate) mod fused_grad;
+pub(crate) mod packed;
+mod rows;
 
-/// The bf16 linear layers' switch and support check (see [`packed`]).
-pub use packed as bf16;
+/// Arithmetic of the linear layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 everywhere: the parity-tested path.
+    #[default]
+    F32,
+    /// Linear layers with bf16 weights and activations, f32 accumulation (like `torch.autocast(bfloat16)`);
+    /// fast on CPUs with AVX512-BF16 ([`bf16_native_supported`]), emulated elsewhere.
+    Bf16,
+}
 
-/// Runs `f` with the per-thread switch `flag` set to `on`, restoring its previous value afterwards (also when
-/// `f` panics).
-fn with_thread_flag<T>(
-    flag: &'static std::thread::LocalKey<std::cell::Cell<bool>>,
-    on: bool,
-    f: impl FnOnce() -> T,
-) -> T {
-    struct Restore(&'static std::thread::LocalKey<std::cell::Cell<bool>>, bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            self.0.with(|c| c.set(self.1));
+/// How the layers compute. Each module carries its own copy (set by `set_mode` when a model is built or
+/// re-moded), never a process-wide or per-thread flag: rayon workers and two models in one process each
+/// compute as they were asked to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mode {
+    /// Arithmetic of the linear layers.
+    pub precision: Precision,
+    /// clip4str's fused CPU kernels (softmax, layer norm, QuickGELU, packed f32 linear layers, and their
+    /// backward passes in training); `false` runs the plain candle composites, e.g. to measure the kernels.
+    pub fused: bool,
+}
+
+impl Default for Mode {
+    fn default() -> Self {
+        Self {
+            precision: Precision::F32,
+            fused: true,
         }
     }
-    let _restore = Restore(flag, flag.with(|c| c.replace(on)));
-    f()
+}
+
+impl Mode {
+    /// `x * sigmoid(1.702 x)`, the activation of every CLIP block (SPEC §18.3).
+    pub fn quick_gelu(self, x: &Tensor) -> Result<Tensor> {
+        if self.fused {
+            if let Some(y) = fused::quick_gelu(x)? {
+                return Ok(y);
+            }
+            if let Some(y) = fused::quick_gelu_trainable(x)? {
+                return Ok(y);
+            }
+        }
+        quick_gelu_composite(x)
+    }
+
+    /// Numerically stable softmax over the last dimension.
+    pub fn softmax(self, x: &Tensor) -> Result<Tensor> {
+        if self.fused {
+            if let Some(y) = fused::softmax_last_dim(x, 1.0, None)? {
+                return Ok(y);
+            }
+            if let Some(y) = fused::softmax_last_dim_trainable(x, 1.0, None)? {
+                return Ok(y);
+            }
+        }
+        softmax_composite(x)
+    }
+
+    /// Attention weights `softmax(scores * scale + mask)` over the last dimension; `mask` is additive
+    /// (0 / -inf) and broadcastable to `scores [B, H, L, S]`.
+    pub fn attention_softmax(
+        self,
+        scores: &Tensor,
+        scale: f64,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if self.fused {
+            if let Some(y) = fused::softmax_last_dim(scores, scale as f32, mask)? {
+                return Ok(y);
+            }
+            if let Some(y) = fused::softmax_last_dim_trainable(scores, scale as f32, mask)? {
+                return Ok(y);
+            }
+        }
+        attention_softmax_composite(scores, scale, mask)
+    }
+}
+
+/// Whether this CPU computes bf16 linear layers natively (AVX512-BF16); elsewhere [`Precision::Bf16`] is
+/// emulated and slower than f32.
+pub fn bf16_native_supported() -> bool {
+    packed::native_supported()
+}
+
+/// Whether this CPU runs the pre-packed f32 linear kernel (AVX-512F); elsewhere linear layers use candle's
+/// matmul.
+pub fn packed_f32_supported() -> bool {
+    packed::f32_supported()
 }
 
 use std::sync::{Arc, Mutex, OnceLock};
@@ -40,16 +112,16 @@ pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,
+    mode: Mode,
 }
 
 impl LayerNorm {
     /// Loads `weight` and `bias` of width `dim`; eps is PyTorch's default 1e-5.
     pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            bias: vb.get(dim, "bias")?,
-            eps: 1e-5,
-        })
+        Ok(Self::from_weights(
+            vb.get(dim, "weight")?,
+            vb.get(dim, "bias")?,
+        ))
     }
 
     /// Wraps tensors already loaded (eps 1e-5).
@@ -58,7 +130,13 @@ impl LayerNorm {
             weight,
             bias,
             eps: 1e-5,
+            mode: Mode::default(),
         }
+    }
+
+    /// Computes in `mode` from now on.
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.mode = mode;
     }
 
     /// The differentiable composite, used whenever the fused kernel declines (training, f64, ...).
@@ -83,13 +161,15 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) = fused::layer_norm(x, &self.weight, &self.bias, self.eps)? {
-            return Ok(y);
+        if self.mode.fused {
+            if let Some(y) = fused::layer_norm(x, &self.weight, &self.bias, self.eps)? {
+                return Ok(y);
+            }
+            if let Some(y) = fused::layer_norm_trainable(x, &self.weight, &self.bias, self.eps)? {
+                return Ok(y);
+            }
         }
-        match fused::layer_norm_trainable(x, &self.weight, &self.bias, self.eps)? {
-            Some(y) => Ok(y),
-            None => self.forward_composite(x),
-        }
+        self.forward_composite(x)
     }
 }
 
@@ -100,11 +180,12 @@ pub struct Linear {
     /// both doubled the memory of every linear layer (B/16: +0.5 GB). Shared by clones, like the packed forms.
     weight: Arc<Mutex<Option<Tensor>>>,
     bias: Option<Tensor>,
-    /// The weight packed for [`bf16`] mode, made on first use and shared by clones; `None` when it cannot
-    /// be (trainable weights, whose values change).
+    /// The weight packed for [`Precision::Bf16`], made on first use and shared by clones; `None` when it
+    /// cannot be (trainable weights, whose values change).
     packed: Arc<OnceLock<Option<packed::PackedLinear>>>,
     /// The weight in f32 panels for inference, likewise (`None` also on CPUs without AVX-512).
     packed_f32: Arc<OnceLock<Option<packed::PackedLinearF32>>>,
+    mode: Mode,
 }
 
 impl Linear {
@@ -123,7 +204,13 @@ impl Linear {
             bias,
             packed: Arc::new(OnceLock::new()),
             packed_f32: Arc::new(OnceLock::new()),
+            mode: Mode::default(),
         }
+    }
+
+    /// Computes in `mode` from now on (clones made before keep theirs; the packed forms stay shared).
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.mode = mode;
     }
 
     /// The weight `[out, in]`: the loaded tensor, or rebuilt from the f32 panels once those replaced it
@@ -161,7 +248,7 @@ impl Linear {
             .as_ref()
     }
 
-    fn packed(&self) -> Option<&bf16::PackedLinear> {
+    fn packed(&self) -> Option<&packed::PackedLinear> {
         self.packed
             .get_or_init(|| {
                 let w = self.weight().ok()?;
@@ -176,11 +263,11 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if packed::bf16_enabled() {
+        if self.mode.precision == Precision::Bf16 {
             if let Some(y) = self.packed().map(|p| p.forward(x)).transpose()?.flatten() {
                 return Ok(y);
             }
-        } else if fused::enabled() && x.dtype() == DType::F32 && !x.track_op() {
+        } else if self.mode.fused && x.dtype() == DType::F32 && !x.track_op() {
             if let Some(y) = self
                 .packed_f32()
                 .map(|p| p.forward(x))
@@ -196,7 +283,11 @@ impl Module for Linear {
         let weight = self.weight()?;
         let y = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?;
         let y = match &self.bias {
-            Some(b) if (y.track_op() || b.track_op()) && fused_grad::trainable(&[&y, b]) => {
+            Some(b)
+                if self.mode.fused
+                    && (y.track_op() || b.track_op())
+                    && fused_grad::trainable(&[&y, b]) =>
+            {
                 fused_grad::add_bias(&y, b)?
             }
             Some(b) => y.broadcast_add(b)?,
@@ -208,15 +299,9 @@ impl Module for Linear {
     }
 }
 
-/// `x * sigmoid(1.702 x)`, the activation of every CLIP block (SPEC §18.3).
+/// [`Mode::quick_gelu`] in the default mode (fused kernels on).
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    if let Some(y) = fused::quick_gelu(x)? {
-        return Ok(y);
-    }
-    match fused::quick_gelu_trainable(x)? {
-        Some(y) => Ok(y),
-        None => quick_gelu_composite(x),
-    }
+    Mode::default().quick_gelu(x)
 }
 
 /// [`quick_gelu`] from differentiable ops.
@@ -225,15 +310,9 @@ pub fn quick_gelu_composite(x: &Tensor) -> Result<Tensor> {
     x * gate
 }
 
-/// Numerically stable softmax over the last dimension.
+/// [`Mode::softmax`] in the default mode (fused kernels on).
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    if let Some(y) = fused::softmax_last_dim(x, 1.0, None)? {
-        return Ok(y);
-    }
-    match fused::softmax_last_dim_trainable(x, 1.0, None)? {
-        Some(y) => Ok(y),
-        None => softmax_composite(x),
-    }
+    Mode::default().softmax(x)
 }
 
 /// [`softmax`] from differentiable ops.
@@ -243,16 +322,9 @@ pub fn softmax_composite(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
-/// Attention weights `softmax(scores * scale + mask)` over the last dimension; `mask` is additive
-/// (0 / -inf) and broadcastable to `scores [B, H, L, S]`.
+/// [`Mode::attention_softmax`] in the default mode (fused kernels on).
 pub fn attention_softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
-    if let Some(y) = fused::softmax_last_dim(scores, scale as f32, mask)? {
-        return Ok(y);
-    }
-    match fused::softmax_last_dim_trainable(scores, scale as f32, mask)? {
-        Some(y) => Ok(y),
-        None => attention_softmax_composite(scores, scale, mask),
-    }
+    Mode::default().attention_softmax(scores, scale, mask)
 }
 
 /// [`attention_softmax`] from differentiable ops.
@@ -286,6 +358,7 @@ pub struct MultiheadAttention {
     heads: usize,
     dim: usize,
     dropout: f32,
+    mode: Mode,
 }
 
 /// Keys and values of one attention, split into heads: `[B, H, S, hd]` each.
@@ -315,7 +388,16 @@ impl MultiheadAttention {
             heads,
             dim,
             dropout,
+            mode: Mode::default(),
         })
+    }
+
+    /// Computes in `mode` from now on.
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.mode = mode;
+        for proj in [&mut self.q_proj, &mut self.kv_proj, &mut self.out_proj] {
+            proj.set_mode(mode);
+        }
     }
 
     /// `[B, L, D]` -> `[B, H, L, hd]`.
@@ -359,7 +441,9 @@ impl MultiheadAttention {
         let hd = self.dim / self.heads;
         let q = self.split_heads(&self.q_proj.forward(q_in)?)?;
         let scores = q.matmul(&kv.k.t()?)?; // [B, H, L, S], scaled inside the softmax
-        let attn = attention_softmax(&scores, 1.0 / (hd as f64).sqrt(), mask)?;
+        let attn = self
+            .mode
+            .attention_softmax(&scores, 1.0 / (hd as f64).sqrt(), mask)?;
         let attn = dropout(&attn, self.dropout, train)?;
         let out = attn.matmul(&kv.v)?; // [B, H, L, hd]
         let out = out.transpose(1, 2)?.reshape((b, l, self.dim))?;
@@ -407,8 +491,14 @@ mod tests {
         let diff = (&plain - &first).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
         // bf16 packs from the rebuilt weight exactly as from the loaded one.
+        let bf16 = Mode {
+            precision: Precision::Bf16,
+            ..Mode::default()
+        };
         let bf = |l: &Linear| {
-            packed::with_bf16(true, || l.forward(&x))
+            let mut l = l.clone();
+            l.set_mode(bf16);
+            l.forward(&x)
                 .unwrap()
                 .flatten_all()
                 .unwrap()
@@ -421,11 +511,10 @@ mod tests {
     #[test]
     fn layer_norm_normalises() -> Result<()> {
         let dev = Device::Cpu;
-        let ln = LayerNorm {
-            weight: Tensor::ones(4, DType::F32, &dev)?,
-            bias: Tensor::zeros(4, DType::F32, &dev)?,
-            eps: 1e-5,
-        };
+        let ln = LayerNorm::from_weights(
+            Tensor::ones(4, DType::F32, &dev)?,
+            Tensor::zeros(4, DType::F32, &dev)?,
+        );
         let x = Tensor::new(&[[1f32, 2., 3., 4.]], &dev)?;
         let y = ln.forward(&x)?.to_vec2::<f32>()?;
         let mean: f32 = y[0].iter().sum::<f32>() / 4.0;

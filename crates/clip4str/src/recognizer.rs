@@ -7,9 +7,11 @@ use image::RgbImage;
 use rayon::prelude::*;
 
 use crate::charset::{CharsetAdapter, Decoded};
-use crate::checkpoint::{check_tensors, read_checkpoint, LoadError, RawCheckpoint};
-use crate::config::Clip4StrConfig;
-use crate::model::{Clip4Str, ForwardOptions, Trace};
+use crate::checkpoint::{read_checkpoint, LoadError, RawCheckpoint};
+use crate::family::{identify, Model};
+use crate::model::{ForwardOptions, StageObserver, Trace};
+use crate::nn::Mode;
+pub use crate::nn::Precision;
 use crate::preprocess::{resize_bicubic, to_chw, Normalization};
 
 /// Everything that can go wrong between a file on disk and a prediction.
@@ -24,17 +26,6 @@ pub enum RecognizerError {
     /// Options that contradict each other or the checkpoint.
     #[error("invalid options: {0}")]
     Options(String),
-}
-
-/// Arithmetic of the linear layers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Precision {
-    /// f32 everywhere: the parity-tested path.
-    #[default]
-    F32,
-    /// Linear layers with bf16 weights and activations, f32 accumulation (like `torch.autocast(bfloat16)`);
-    /// fast on CPUs with AVX512-BF16 ([`crate::nn::bf16::native_supported`]), emulated elsewhere.
-    Bf16,
 }
 
 /// Knobs of the recognizer; `Default` reproduces the reference `read.py`.
@@ -92,10 +83,10 @@ pub struct Prediction {
     pub char_probs: Vec<f32>,
 }
 
-/// A loaded CLIP4STR model ready to read images.
+/// A loaded model (of any [`crate::family::ModelFamily`]) ready to read images.
 #[derive(Debug, Clone)]
 pub struct Recognizer {
-    model: Clip4Str,
+    model: Model,
     adapter: CharsetAdapter,
     opts: RecognizerOptions,
     device: Device,
@@ -119,7 +110,7 @@ impl Recognizer {
         config_override: Option<&serde_json::Value>,
         opts: RecognizerOptions,
     ) -> Result<Self, RecognizerError> {
-        let cfg = config_for(raw, config_override)?;
+        let identified = identify(raw, config_override)?;
         let mut opts = opts;
         if opts.normalization.is_none() {
             if let Some(text) = raw.metadata.get(Normalization::METADATA_KEY) {
@@ -133,20 +124,20 @@ impl Recognizer {
                 opts.normalization = Some(norm);
             }
         }
-        let expected = Clip4Str::expected_tensors(&cfg)?;
-        check_tensors(raw, &expected)?;
-        let device = opts.device.clone();
-        let model = Clip4Str::new(&cfg, raw.var_builder(DType::F32, &device)).map_err(|e| {
-            LoadError::Tensor {
-                path: raw.path.clone(),
-                source: e,
-            }
-        })?;
+        let model = Model::build(&identified, raw, &opts.device)?;
         Self::from_model(model, opts)
     }
 
-    /// Wraps a model built elsewhere (e.g. during training).
-    pub fn from_model(model: Clip4Str, opts: RecognizerOptions) -> Result<Self, RecognizerError> {
+    /// Wraps a model built elsewhere (e.g. during training); it computes in `opts.precision` from now on (its
+    /// weights stay shared with the caller's copy).
+    pub fn from_model(
+        model: impl Into<Model>,
+        opts: RecognizerOptions,
+    ) -> Result<Self, RecognizerError> {
+        let model = model.into().with_mode(Mode {
+            precision: opts.precision,
+            ..Mode::default()
+        });
         if opts.batch_size == 0 {
             return Err(RecognizerError::Options(
                 "batch size must be at least 1".into(),
@@ -155,7 +146,7 @@ impl Recognizer {
         let charset = opts
             .charset_test
             .clone()
-            .unwrap_or_else(|| model.config().charset_test.clone());
+            .unwrap_or_else(|| model.charset_test().to_string());
         if charset.is_empty() {
             return Err(RecognizerError::Options("the test charset is empty".into()));
         }
@@ -178,18 +169,18 @@ impl Recognizer {
     }
 
     /// The underlying network.
-    pub fn model(&self) -> &Clip4Str {
+    pub fn model(&self) -> &Model {
         &self.model
-    }
-
-    /// The model's configuration.
-    pub fn config(&self) -> &Clip4StrConfig {
-        self.model.config()
     }
 
     /// Input size `[height, width]`.
     pub fn input_size(&self) -> [usize; 2] {
-        self.config().vision.image_size
+        self.model.input_size()
+    }
+
+    /// The longest label the model predicts, in characters.
+    pub fn max_label_length(&self) -> usize {
+        self.model.max_label_length()
     }
 
     /// The test transform: Pillow-exact bicubic resize to the input size, then normalisation; `[3, H, W]`.
@@ -214,15 +205,23 @@ impl Recognizer {
 
     /// Full forward with every intermediate for an input batch `[B, 3, H, W]`.
     pub fn trace(&self, batch: &Tensor) -> Result<Trace, RecognizerError> {
+        self.trace_observed(batch, &mut ())
+    }
+
+    /// [`Self::trace`], telling `observer` as each stage ends (e.g. to time the stages).
+    pub fn trace_observed(
+        &self,
+        batch: &Tensor,
+        observer: &mut dyn StageObserver,
+    ) -> Result<Trace, RecognizerError> {
         let opts = ForwardOptions {
             max_length: self.opts.max_length,
             refine_iters: self.opts.refine_iters,
             per_sample_stop: self.opts.per_sample_stop,
         };
-        let bf16 = self.opts.precision == Precision::Bf16;
-        Ok(crate::nn::bf16::with_bf16(bf16, || {
-            self.model.forward_trace(batch, &self.adapter, &opts)
-        })?)
+        Ok(self
+            .model
+            .forward_trace(batch, &self.adapter, &opts, observer)?)
     }
 
     /// Reads one model batch `[B, 3, H, W]`.
@@ -240,7 +239,7 @@ impl Recognizer {
             .iter()
             .map(|sample| {
                 let flat: Vec<f32> = sample.iter().flatten().copied().collect();
-                let decoded: Decoded = self.model.tokenizer.decode(&flat, c);
+                let decoded: Decoded = self.model.tokenizer().decode(&flat, c);
                 let text = if self.opts.filter_output {
                     self.adapter.apply(&decoded.text)
                 } else {
@@ -265,21 +264,4 @@ impl Recognizer {
         }
         Ok(out)
     }
-}
-
-/// Dimensions from tensor shapes, head counts and charsets from hyper-parameters, then the user's override.
-fn config_for(
-    raw: &RawCheckpoint,
-    config_override: Option<&serde_json::Value>,
-) -> Result<Clip4StrConfig, LoadError> {
-    let config_error = |reason: String| LoadError::Config {
-        path: raw.path.clone(),
-        reason,
-    };
-    Clip4StrConfig::from_tensors_with(
-        &raw.shapes(),
-        raw.hyper_parameters.as_ref(),
-        config_override,
-    )
-    .map_err(config_error)
 }

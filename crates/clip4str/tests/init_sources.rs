@@ -4,6 +4,7 @@
 //! `tests/fixtures/clip_jit_tiny.pt` and `clip_jit_empty.pt` were written by PyTorch 1.13's
 //! `torch.jit.save` (`tests/fixtures/make_clip_jit_tiny.py`); other archives are written here with the
 //! same pickle opcodes and zip layout.
+#![cfg(feature = "train")]
 
 use std::collections::HashMap;
 use std::io::Write;

@@ -77,8 +77,9 @@ fn all_checkpoint_formats_give_identical_outputs() {
         assert_eq!(diff, 0.0, "{file} differs from tiny.ckpt");
     }
     // tiny.ckpt carries its head counts; the flat files need the config (their heads break the released rule).
-    assert_eq!(load("tiny.ckpt", false).config().text.heads, 2);
-    assert_eq!(load("tiny.ckpt", false).config().decoder.heads, 2);
+    let clip4str::ModelConfig::Clip4Str(cfg) = load("tiny.ckpt", false).model().config();
+    assert_eq!(cfg.text.heads, 2);
+    assert_eq!(cfg.decoder.heads, 2);
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The synthetic word-image generator: determinism, labels, sizes, font handling. Every test runs on the
 //! committed fixture font (tests/fixtures/fonts); the held-out split test also uses the system fonts when
 //! there are any.
+#![cfg(feature = "train")]
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

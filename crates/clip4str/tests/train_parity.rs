@@ -1,6 +1,7 @@
 //! Parity of one (and a second) training step with the PyTorch reference on the tiny model
 //! (fixtures/tiny_train.*, dropout disabled, fixed permutations): masks, logits, CE terms, loss, every
 //! gradient, clipping, AdamW and the one-cycle schedule. Also structural checks of `gen_tgt_perms`.
+#![cfg(feature = "train")]
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;

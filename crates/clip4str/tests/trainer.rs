@@ -1,4 +1,5 @@
 //! A short from-scratch run end to end: output files, a checkpoint `read` can load alone, resume.
+#![cfg(feature = "train")]
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -112,8 +113,9 @@ fn short_run_saves_loads_and_resumes() {
         RecognizerOptions::default(),
     )
     .unwrap();
-    assert_eq!(rec.config().vision.image_size, [16, 32]);
-    assert_eq!(rec.config().decoder.heads, 2);
+    let clip4str::ModelConfig::Clip4Str(cfg) = rec.model().config();
+    assert_eq!(cfg.vision.image_size, [16, 32]);
+    assert_eq!(cfg.decoder.heads, 2);
 
     // Resume continues at step 2 with the same schedule length; the file's max_steps still says 2, so
     // raise it in config.toml like a user extending a run.

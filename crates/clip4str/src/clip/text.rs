@@ -5,7 +5,7 @@ use candle_nn::VarBuilder;
 
 use super::transformer::Transformer;
 use crate::config::TextConfig;
-use crate::nn::{causal_mask, LayerNorm};
+use crate::nn::{causal_mask, LayerNorm, Mode};
 
 /// The text half of `clip_model` (its tensors live at the root of `clip_model.`).
 #[derive(Debug, Clone)]
@@ -31,6 +31,12 @@ impl TextTransformer {
             text_projection: vb.get((cfg.width, embed_dim), "text_projection")?,
             _logit_scale: vb.get((), "logit_scale")?,
         })
+    }
+
+    /// Computes in `mode` from now on.
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.transformer.set_mode(mode);
+        self.ln_final.set_mode(mode);
     }
 
     /// `ids [B, L]` (u32 BPE ids, L = context length) -> features `[B, L, embed_dim]` for every position.

@@ -3,7 +3,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::nn::{quick_gelu, LayerNorm, Linear, MultiheadAttention};
+use crate::nn::{LayerNorm, Linear, Mode, MultiheadAttention};
 
 /// One `ResidualAttentionBlock`: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))` with QuickGELU.
 #[derive(Debug, Clone)]
@@ -13,6 +13,7 @@ pub struct ResidualAttentionBlock {
     ln_2: LayerNorm,
     c_fc: Linear,
     c_proj: Linear,
+    mode: Mode,
 }
 
 impl ResidualAttentionBlock {
@@ -24,16 +25,29 @@ impl ResidualAttentionBlock {
             ln_2: LayerNorm::new(dim, vb.pp("ln_2"))?,
             c_fc: Linear::new(dim, 4 * dim, vb.pp("mlp").pp("c_fc"))?,
             c_proj: Linear::new(4 * dim, dim, vb.pp("mlp").pp("c_proj"))?,
+            mode: Mode::default(),
         })
+    }
+
+    /// Computes in `mode` from now on.
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.mode = mode;
+        self.ln_1.set_mode(mode);
+        self.attn.set_mode(mode);
+        self.ln_2.set_mode(mode);
+        self.c_fc.set_mode(mode);
+        self.c_proj.set_mode(mode);
     }
 
     /// `x [B, L, D]`, `mask` additive `[L, L]` or none.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let h = self.ln_1.forward(x)?;
         let x = (x + self.attn.forward(&h, &h, mask, false)?)?;
-        let h = self
-            .c_proj
-            .forward(&quick_gelu(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?)?;
+        let h = self.c_proj.forward(
+            &self
+                .mode
+                .quick_gelu(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?,
+        )?;
         x + h
     }
 }
@@ -53,6 +67,11 @@ impl Transformer {
             .map(|i| ResidualAttentionBlock::new(dim, heads, vb.pp(i)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { resblocks })
+    }
+
+    /// Computes in `mode` from now on.
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.resblocks.iter_mut().for_each(|b| b.set_mode(mode));
     }
 
     /// Runs every block with the same mask.

@@ -5,7 +5,7 @@ use candle_nn::VarBuilder;
 
 use super::transformer::Transformer;
 use crate::config::VisionConfig;
-use crate::nn::LayerNorm;
+use crate::nn::{LayerNorm, Mode};
 
 /// `clip_model.visual`: patchify, class token, positional embedding, blocks, `ln_post`, `@ proj`.
 #[derive(Debug, Clone)]
@@ -37,6 +37,13 @@ impl VisionTransformer {
             proj: vb.get((w, embed_dim), "proj")?,
             cfg: cfg.clone(),
         })
+    }
+
+    /// Computes in `mode` from now on.
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.ln_pre.set_mode(mode);
+        self.transformer.set_mode(mode);
+        self.ln_post.set_mode(mode);
     }
 
     /// Where the weights live (inputs must be put there).

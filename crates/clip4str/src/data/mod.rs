@@ -2,11 +2,14 @@
 //! folder with `labels.tsv` ([`folder`]) behind one [`Dataset`] trait, with the reference's label filtering.
 //! A damaged record is an error value for that record (never a panic), so callers can count and report it.
 
+#[cfg(feature = "train")]
 pub mod augment;
 pub mod folder;
 pub mod lmdb;
+#[cfg(feature = "train")]
 pub mod loader;
 pub mod stats;
+#[cfg(feature = "train")]
 pub mod synth;
 
 use std::path::{Path, PathBuf};
@@ -289,7 +292,13 @@ pub fn open_dataset_as(path: impl AsRef<Path>, name: &str) -> Result<Box<dyn Dat
             return Ok(Box::new(LmdbDataset::open(folder)?.with_name(name)));
         }
         if path.extension().is_some_and(|e| e == "toml") {
+            #[cfg(feature = "train")]
             return Ok(Box::new(synth::SynthDataset::open(path, name)?));
+            #[cfg(not(feature = "train"))]
+            return Err(DataError::BadSynthSpec {
+                path: path.to_path_buf(),
+                reason: "synthetic datasets need the `train` feature of the clip4str crate".into(),
+            });
         }
         return Ok(Box::new(FolderDataset::from_tsv(path)?.with_name(name)));
     }

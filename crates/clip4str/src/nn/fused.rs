@@ -7,34 +7,21 @@
 //! which drop gradients silently. Rows are spread over rayon; each row runs with AVX-512, AVX2+FMA or scalar
 //! code, picked once at run time.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
-use rayon::prelude::*;
 
-static ENABLED: AtomicBool = AtomicBool::new(true);
-
-/// Turns the fused kernels on or off for the whole process (on by default); off runs the composites.
-pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
-}
-
-/// Whether the fused kernels are on (see [`set_enabled`]).
-pub fn enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed)
-}
+use super::rows::{contiguous, for_each_row, PARALLEL_GRAIN};
 
 /// The one gate of every kernel: all inputs are f32 CPU tensors outside any autograd graph.
 ///
 /// `track_op` is true for `Var`s and everything computed from them, so training never gets here.
 pub(crate) fn inference_only(tensors: &[&Tensor]) -> bool {
-    enabled()
-        && tensors
-            .iter()
-            .all(|t| !t.track_op() && t.dtype() == DType::F32 && t.device().is_cpu())
+    tensors
+        .iter()
+        .all(|t| !t.track_op() && t.dtype() == DType::F32 && t.device().is_cpu())
 }
 
 /// `softmax(x * scale + mask)` over the last dimension; `mask` is additive and broadcastable to `x`.
@@ -193,41 +180,6 @@ impl Isa {
             Isa::Scalar
         })
     }
-}
-
-/// Elements below which a kernel stays on the calling thread, and the least work per rayon task.
-pub(super) const PARALLEL_GRAIN: usize = 16 * 1024;
-
-/// Runs `row(i, out_row)` for every row of `out`, in parallel when there is enough work.
-pub(super) fn for_each_row(out: &mut [f32], width: usize, row: impl Fn(usize, &mut [f32]) + Sync) {
-    if width == 0 {
-        return;
-    }
-    if out.len() < PARALLEL_GRAIN {
-        out.chunks_mut(width)
-            .enumerate()
-            .for_each(|(i, r)| row(i, r));
-    } else {
-        out.par_chunks_mut(width)
-            .enumerate()
-            .with_min_len(PARALLEL_GRAIN.div_ceil(width))
-            .for_each(|(i, r)| row(i, r));
-    }
-}
-
-/// The contiguous f32 data of a storage under `layout`.
-pub(super) fn contiguous<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    op: &str,
-) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("{op}: expected f32 input");
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("{op}: expected a contiguous input");
-    };
-    Ok(&data[start..end])
 }
 
 /// `softmax(x * scale + mask)` over rows; unary without a mask, binary with one.

@@ -6,30 +6,17 @@
 //! Only f32 CPU tensors take this path (see [`trainable`]); f64 (gradient checks against finite
 //! differences) keeps the composites.
 
-use std::cell::Cell;
-
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fused::{contiguous, for_each_row, PARALLEL_GRAIN};
+use super::rows::{contiguous, for_each_row, PARALLEL_GRAIN};
 
-thread_local! {
-    static ON: Cell<bool> = const { Cell::new(true) };
-}
-
-/// Runs `f` with the differentiable fused ops on or off on this thread (off: the composites), restoring the
-/// previous setting afterwards.
-pub fn with_enabled<T>(on: bool, f: impl FnOnce() -> T) -> T {
-    super::with_thread_flag(&ON, on, f)
-}
-
-/// Whether the differentiable fused ops take these tensors: f32 CPU ones, with the kernels switched on.
+/// Whether the differentiable fused ops take these tensors: f32 CPU ones (the caller's [`super::Mode`]
+/// decides whether fused kernels are wanted at all).
 pub(crate) fn trainable(tensors: &[&Tensor]) -> bool {
-    super::fused::enabled()
-        && ON.with(Cell::get)
-        && tensors
-            .iter()
-            .all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
+    tensors
+        .iter()
+        .all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
 }
 
 /// Column sums of `rows` rows of `width`, over rayon chunks.
@@ -274,7 +261,7 @@ impl CustomOp2 for BiasAdd {
 mod tests {
     use candle_core::{Device, Var};
 
-    use crate::nn;
+    use crate::nn::{self, Mode};
 
     fn close(a: &candle_core::Tensor, b: &candle_core::Tensor, what: &str) {
         let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
@@ -296,16 +283,20 @@ mod tests {
     fn compare(
         what: &str,
         inputs: &[candle_core::Tensor],
-        f: impl Fn(&[candle_core::Tensor]) -> candle_core::Tensor,
+        f: impl Fn(Mode, &[candle_core::Tensor]) -> candle_core::Tensor,
     ) {
-        let eval = |on: bool, weights: Option<&candle_core::Tensor>| {
+        let eval = |fused: bool, weights: Option<&candle_core::Tensor>| {
             let vars: Vec<Var> = inputs
                 .iter()
                 .map(|t| Var::from_tensor(t).unwrap())
                 .collect();
             let tensors: Vec<candle_core::Tensor> =
                 vars.iter().map(|v| v.as_tensor().clone()).collect();
-            let out = super::with_enabled(on, || f(&tensors));
+            let mode = Mode {
+                fused,
+                ..Mode::default()
+            };
+            let out = f(mode, &tensors);
             // A weighted sum, so every output element gets a different gradient.
             let weights = weights.cloned().unwrap_or_else(|| randn(out.dims()));
             let grads = (&out * &weights)
@@ -350,11 +341,11 @@ mod tests {
             &Device::Cpu,
         )
         .unwrap();
-        compare("masked softmax", &[randn(&[2, 3, 5, 9])], |t| {
-            nn::attention_softmax(&t[0], 0.125, Some(&mask)).unwrap()
+        compare("masked softmax", &[randn(&[2, 3, 5, 9])], |mode, t| {
+            mode.attention_softmax(&t[0], 0.125, Some(&mask)).unwrap()
         });
-        compare("softmax", &[randn(&[7, 130])], |t| {
-            nn::softmax(&t[0]).unwrap()
+        compare("softmax", &[randn(&[7, 130])], |mode, t| {
+            mode.softmax(&t[0]).unwrap()
         });
     }
 
@@ -364,8 +355,9 @@ mod tests {
             compare(
                 "layer norm",
                 &[randn(&[rows, 48]), randn(&[48]), randn(&[48])],
-                |t| {
-                    let ln = nn::LayerNorm::from_weights(t[1].clone(), t[2].clone());
+                |mode, t| {
+                    let mut ln = nn::LayerNorm::from_weights(t[1].clone(), t[2].clone());
+                    ln.set_mode(mode);
                     candle_core::Module::forward(&ln, &t[0]).unwrap()
                 },
             );
@@ -374,14 +366,15 @@ mod tests {
 
     #[test]
     fn quick_gelu_and_bias_gradients_match_the_composite() {
-        compare("quick gelu", &[randn(&[5, 40000])], |t| {
-            nn::quick_gelu(&t[0]).unwrap()
+        compare("quick gelu", &[randn(&[5, 40000])], |mode, t| {
+            mode.quick_gelu(&t[0]).unwrap()
         });
         compare(
             "linear",
             &[randn(&[4, 6, 24]), randn(&[10, 24]), randn(&[10])],
-            |t| {
-                let lin = nn::Linear::from_weights(t[1].clone(), Some(t[2].clone()));
+            |mode, t| {
+                let mut lin = nn::Linear::from_weights(t[1].clone(), Some(t[2].clone()));
+                lin.set_mode(mode);
                 candle_core::Module::forward(&lin, &t[0]).unwrap()
             },
         );

@@ -10,11 +10,10 @@
 //! instruction, picked at run time. CPUs without AVX512-BF16 get a portable kernel with the same rounding,
 //! much slower than f32: there bf16 mode is for checking, not for speed.
 //!
-//! bf16 mode is per thread and scoped ([`with_bf16`]): a recognizer turns it on around its own forward
-//! passes, so two recognizers of one process can use different precisions. Like the fused kernels, the
-//! path only takes f32 CPU tensors outside any autograd graph; training never reaches it.
+//! Which of the two a layer uses is its [`super::Mode`], so two models of one process can use different
+//! precisions. Like the fused kernels, the path only takes f32 CPU tensors outside any autograd graph;
+//! training never reaches it.
 
-use std::cell::Cell;
 use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
@@ -26,21 +25,6 @@ const PANEL: usize = 32;
 const ROWS: usize = 8;
 /// Rows handed to one rayon task (a slice of activations that stays in L2 while its panels stream by).
 const ROW_CHUNK: usize = 128;
-
-thread_local! {
-    static BF16_ON: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Runs `f` with bf16 linear layers on this thread when `on`, restoring the previous setting afterwards
-/// (also when `f` panics).
-pub fn with_bf16<T>(on: bool, f: impl FnOnce() -> T) -> T {
-    super::with_thread_flag(&BF16_ON, on, f)
-}
-
-/// Whether linear layers run in bf16 on this thread (see [`with_bf16`]).
-pub fn bf16_enabled() -> bool {
-    BF16_ON.with(Cell::get)
-}
 
 /// Whether this CPU has AVX-512F, which the packed f32 kernel needs.
 pub fn f32_supported() -> bool {
@@ -138,7 +122,7 @@ fn run_rows(
     n: usize,
     run: impl FnOnce(&[f32], usize, &mut [f32]),
 ) -> Result<(CpuStorage, Shape)> {
-    let x = super::fused::contiguous(storage, layout, op)?;
+    let x = super::rows::contiguous(storage, layout, op)?;
     let (m, _) = layout.shape().dims2()?;
     let mut out = vec![0f32; m * n];
     run(x, m, &mut out);
@@ -218,11 +202,6 @@ impl PackedLinear {
             data,
             bias,
         })
-    }
-
-    /// Output features `N`.
-    pub fn out_features(&self) -> usize {
-        self.n
     }
 
     /// `x W^T + b` for `x [.., K]` (f32, any rank); `None` when `x` is not an f32 CPU tensor outside an
@@ -686,16 +665,5 @@ mod tests {
                 rounded(&t).to_vec1::<f32>().unwrap()[0]
             );
         }
-    }
-
-    #[test]
-    fn scope_restores_the_setting() {
-        assert!(!bf16_enabled());
-        let inner = with_bf16(true, || {
-            assert!(bf16_enabled());
-            with_bf16(false, bf16_enabled)
-        });
-        assert!(!inner);
-        assert!(!bf16_enabled());
     }
 }

@@ -60,6 +60,9 @@ pub enum InitError {
     /// The configuration cannot be built, or cannot be inferred from the CLIP weights.
     #[error("model configuration: {0}")]
     Config(String),
+    /// The configuration built does not hold together (printed, not returned as a source).
+    #[error("model configuration: {0}")]
+    Invalid(crate::config::ConfigError),
     /// A tensor could not be created.
     #[error("weight initialisation: {0}")]
     Tensor(#[from] candle_core::Error),
@@ -224,7 +227,7 @@ pub fn config_from_clip(
     cfg.decoder.dim = embed_dim;
     cfg.decoder.heads = dec_heads;
     cfg.decoder.mlp_hidden = 4 * embed_dim;
-    cfg.validate().map_err(InitError::Config)?;
+    cfg.validate().map_err(InitError::Invalid)?;
     Ok(cfg)
 }
 
@@ -246,7 +249,7 @@ pub fn initial_weights(
     match source {
         InitSource::Scratch { seed } => init_weights(cfg, *seed),
         InitSource::Clip4Str(path) => {
-            cfg.validate().map_err(InitError::Config)?;
+            cfg.validate().map_err(InitError::Invalid)?;
             let raw = read_checkpoint(path)?;
             let expected = Clip4Str::expected_tensors(cfg)?;
             check_tensors(&raw, &expected)?;
@@ -336,7 +339,7 @@ struct TensorPlan {
 /// The rule of every expected tensor; a tensor without a rule is an error, so a model change
 /// cannot silently leave weights uninitialised.
 fn init_plan(cfg: &Clip4StrConfig) -> Result<Vec<TensorPlan>, InitError> {
-    cfg.validate().map_err(InitError::Config)?;
+    cfg.validate().map_err(InitError::Invalid)?;
     Clip4Str::expected_tensors(cfg)?
         .into_iter()
         .map(|(name, shape)| {
@@ -852,7 +855,7 @@ mod tests {
         let mut cfg = Clip4StrConfig::tiny();
         cfg.decoder.heads = 3;
         let err = init_weights(&cfg, 0).unwrap_err();
-        assert!(matches!(err, InitError::Config(_)), "{err}");
+        assert!(matches!(err, InitError::Invalid(_)), "{err}");
     }
 
     #[test]

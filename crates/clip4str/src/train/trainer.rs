@@ -77,7 +77,8 @@ impl ModelSpec {
         let mut cfg = Clip4StrConfig::by_name(name)
             .ok_or_else(|| TrainError::Config(format!("unknown model preset {name:?}")))?;
         self.apply(&mut cfg);
-        cfg.validate().map_err(TrainError::Config)?;
+        cfg.validate()
+            .map_err(|e| TrainError::Config(e.to_string()))?;
         Ok(cfg)
     }
 

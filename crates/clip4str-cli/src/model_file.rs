@@ -1,23 +1,19 @@
-//! `clip4str convert`: any loadable checkpoint to our safetensors, with the metadata that lets the file load
-//! on its own (dimensions, head counts, charsets, input normalisation).
+//! Writing a model file (`convert`, `average`): checked inputs, self-describing safetensors output with the
+//! hyper-parameters and normalisation that let it load alone.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use anyhow::Context;
 use candle_core::{DType, Tensor};
 use clap::{Args, ValueEnum};
 use clip4str::checkpoint::{
-    check_tensors, read_checkpoint, save_safetensors, RawCheckpoint, HYPER_PARAMETERS_METADATA_KEY,
+    read_checkpoint, save_safetensors, RawCheckpoint, HYPER_PARAMETERS_METADATA_KEY,
 };
-use clip4str::config::Clip4StrConfig;
-use clip4str::model::Clip4Str;
+use clip4str::family::{identify, Identified, ModelConfig};
 use clip4str::preprocess::Normalization;
 
-use crate::read::load_config;
-
-/// Storage precision of the converted weights.
+/// Storage precision of a written model file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DtypeArg {
     /// 32-bit floats: exact.
@@ -38,17 +34,6 @@ impl DtypeArg {
     }
 }
 
-/// Arguments of `clip4str convert`.
-#[derive(Debug, Args)]
-pub struct ConvertArgs {
-    /// Checkpoint to convert: Lightning `.ckpt`, `.pt` state dict, or safetensors.
-    pub input: PathBuf,
-    /// Output safetensors file.
-    pub output: PathBuf,
-    #[command(flatten)]
-    pub write: WriteArgs,
-}
-
 /// Options of the commands that write a model file (`convert`, `average`).
 #[derive(Debug, Args)]
 pub struct WriteArgs {
@@ -66,7 +51,7 @@ pub struct WriteArgs {
 /// A checkpoint read and checked against the model its tensor shapes describe.
 pub(crate) struct ModelFile {
     pub raw: RawCheckpoint,
-    pub cfg: Clip4StrConfig,
+    pub cfg: ModelConfig,
     /// Every tensor the model uses, with its shape, in the model's order.
     pub expected: Vec<(String, Vec<usize>)>,
 }
@@ -77,12 +62,12 @@ pub(crate) fn load_model_file(
     config: Option<&serde_json::Value>,
 ) -> anyhow::Result<ModelFile> {
     let raw = read_checkpoint(input)?;
-    let cfg =
-        Clip4StrConfig::from_tensors_with(&raw.shapes(), raw.hyper_parameters.as_ref(), config)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
-    let expected = Clip4Str::expected_tensors(&cfg)?;
-    check_tensors(&raw, &expected)?;
-    Ok(ModelFile { raw, cfg, expected })
+    let Identified { config, expected } = identify(&raw, config)?;
+    Ok(ModelFile {
+        raw,
+        cfg: config,
+        expected,
+    })
 }
 
 /// Refuses to replace an existing `output` without `--force`, and to write over one of the `inputs`.
@@ -110,7 +95,7 @@ pub(crate) fn check_output(output: &Path, inputs: &[PathBuf], force: bool) -> an
 /// the input normalisation when the source had one, and `(key, value)` saying where the weights came from.
 pub(crate) fn write_model_file(
     output: &Path,
-    cfg: &Clip4StrConfig,
+    cfg: &ModelConfig,
     tensors: Vec<(String, Tensor)>,
     dtype: DType,
     normalization: Option<&String>,
@@ -145,35 +130,4 @@ pub(crate) fn write_model_file(
         size as f64 / 1e6
     );
     Ok(())
-}
-
-/// Runs `convert`.
-pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
-    check_output(
-        &args.output,
-        std::slice::from_ref(&args.input),
-        args.write.force,
-    )?;
-    let config = load_config(args.write.config.as_deref())?;
-    let ModelFile { raw, cfg, expected } = load_model_file(&args.input, config.as_ref())?;
-    let mut tensors = Vec::with_capacity(expected.len());
-    for (name, _) in &expected {
-        let t = raw
-            .get(name)
-            .with_context(|| format!("{}: tensor {name} vanished", args.input.display()))?;
-        tensors.push((name.clone(), t.clone()));
-    }
-    let source = args.input.file_name().map_or_else(
-        || args.input.display().to_string(),
-        |name| name.to_string_lossy().into_owned(),
-    );
-    write_model_file(
-        &args.output,
-        &cfg,
-        tensors,
-        args.write.dtype.dtype(),
-        raw.metadata.get(Normalization::METADATA_KEY),
-        ("converted_from", source),
-    )?;
-    Ok(ExitCode::SUCCESS)
 }

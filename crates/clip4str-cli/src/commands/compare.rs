@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Args;
 use clip4str::eval::paired::PairedCounts;
 
-use crate::eval::Format;
+use crate::output::ReportFormat;
 
 /// Arguments of `clip4str compare`.
 #[derive(Debug, Args)]
@@ -21,8 +21,8 @@ pub struct CompareArgs {
     /// `eval --dump` file of model B (e.g. a candidate), on the same datasets.
     pub b: PathBuf,
     /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
+    #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
+    pub format: ReportFormat,
 }
 
 /// One dump: per dataset (in the order of the file), per record key, whether the prediction was right.
@@ -104,8 +104,8 @@ pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
         );
     }
     match args.format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
-        Format::Text => print!("{}", table(&rows)),
+        ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        ReportFormat::Text => print!("{}", table(&rows)),
     }
     Ok(ExitCode::SUCCESS)
 }

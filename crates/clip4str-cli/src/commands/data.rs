@@ -5,11 +5,9 @@ mod create;
 mod sheet;
 mod show;
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Arguments of `clip4str data`.
 #[derive(Debug, Args)]
@@ -37,15 +35,10 @@ pub fn run(args: DataArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// A progress bar on stderr when it is a terminal, hidden otherwise.
-fn progress_bar(len: usize, prefix: &str) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::with_draw_target(Some(len as u64), ProgressDrawTarget::stderr());
-    let template = format!("{prefix} {{bar:40}} {{pos}}/{{len}} {{per_sec}} eta {{eta}}");
-    bar.set_style(
-        ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar
+/// A progress bar for a `data` subcommand, named by `prefix`.
+fn progress_bar(len: usize, prefix: &str) -> indicatif::ProgressBar {
+    crate::output::progress_bar(
+        len,
+        &format!("{prefix} {{bar:40}} {{pos}}/{{len}} {{per_sec}} eta {{eta}}"),
+    )
 }

@@ -188,10 +188,9 @@ pub fn run(args: CreateArgs) -> anyhow::Result<ExitCode> {
                 Ok((label, bytes)) => {
                     if writer.is_none() {
                         // Created on the first good record, so that a run with none leaves nothing behind.
-                        writer = Some(
-                            LmdbWriter::create(&args.out)
-                                .map_err(|e| crate::name_path_once(e, &args.out, "creating"))?,
-                        );
+                        writer = Some(LmdbWriter::create(&args.out).map_err(|e| {
+                            crate::error_chain::name_path_once(e, &args.out, "creating")
+                        })?);
                     }
                     writer
                         .as_mut()

@@ -179,7 +179,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
                 replan(dir, args.max_steps, args.val_interval)?;
             }
             Trainer::resume_on(dir, &device)
-                .map_err(|e| crate::name_path_once(e, dir, "resuming"))?
+                .map_err(|e| crate::error_chain::name_path_once(e, dir, "resuming"))?
         }
         (None, Some(path)) => {
             let text = std::fs::read_to_string(path)

@@ -6,9 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
-use clip4str::checkpoint::check_tensors;
-use clip4str::config::Clip4StrConfig;
-use clip4str::model::Clip4Str;
+use clip4str::family::{identify, ModelConfig};
 use serde::Serialize;
 
 use crate::hub::{self, HubOptions};
@@ -208,18 +206,14 @@ fn run_download(args: DownloadArgs) -> anyhow::Result<ExitCode> {
     }
     let raw = hub::read_cached_checkpoint(&fetched.path)
         .with_context(|| format!("checking model {:?}", entry.name))?;
-    let cfg = Clip4StrConfig::from_tensors(&raw.shapes(), raw.hyper_parameters.as_ref())
-        .map_err(anyhow::Error::msg)
-        .and_then(|cfg| {
-            check_tensors(&raw, &Clip4Str::expected_tensors(&cfg)?)?;
-            Ok(cfg)
-        })
+    let ModelConfig::Clip4Str(cfg) = identify(&raw, None)
         .with_context(|| {
             format!(
                 "{} is a checkpoint but not a CLIP4STR model this build can load",
                 fetched.path.display()
             )
-        })?;
+        })?
+        .config;
     eprintln!(
         "{}: {:?}, {} tensors; image encoder {}x{} (patch {}x{}), text encoder {}x{}, decoder {}",
         entry.name,

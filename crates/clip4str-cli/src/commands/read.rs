@@ -1,18 +1,18 @@
 //! `clip4str read`: images or folders in, one line per image out.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use clip4str::charset::charset_test;
 use clip4str::preprocess::decode_rgb;
 use clip4str::recognizer::{Prediction, RecognizerOptions};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 use rayon::prelude::*;
 
 use crate::model_source::{load_recognizer, ModelArgs};
+use crate::output::{case_options, progress_bar};
 
 /// Output formats of `read`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -121,27 +121,6 @@ fn print_prediction(
     }
 }
 
-/// Reads a `--config` JSON file, if given.
-pub fn load_config(path: Option<&Path>) -> anyhow::Result<Option<serde_json::Value>> {
-    let Some(p) = path else { return Ok(None) };
-    let text =
-        std::fs::read_to_string(p).with_context(|| format!("reading config {}", p.display()))?;
-    let json =
-        serde_json::from_str(&text).with_context(|| format!("parsing config {}", p.display()))?;
-    Ok(Some(json))
-}
-
-/// What `--cased` / `--punctuation` mean to the recognizer: test.py's charset for the captions, and the printed
-/// text filtered by it; neither prints the raw prediction like `read.py`. `serve` uses the same rule.
-pub fn case_options(cased: bool, punctuation: bool) -> RecognizerOptions {
-    let filter = cased || punctuation;
-    RecognizerOptions {
-        charset_test: filter.then(|| charset_test(cased, punctuation)),
-        filter_output: filter,
-        ..Default::default()
-    }
-}
-
 /// Runs `read`; exit code 1 when some image could not be read.
 pub fn run(args: ReadArgs) -> anyhow::Result<ExitCode> {
     if args.batch_size == 0 {
@@ -160,14 +139,12 @@ pub fn run(args: ReadArgs) -> anyhow::Result<ExitCode> {
         eprintln!("error: {}: {reason}", path.display());
     }
 
-    let progress = if std::io::stderr().is_terminal() && paths.len() > 8 {
-        let bar =
-            ProgressBar::with_draw_target(Some(paths.len() as u64), ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template("{bar:40} {pos}/{len} images {per_sec} eta {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        bar
+    // A handful of images needs no bar.
+    let progress = if paths.len() > 8 {
+        progress_bar(
+            paths.len(),
+            "{bar:40} {pos}/{len} images {per_sec} eta {eta}",
+        )
     } else {
         ProgressBar::hidden()
     };

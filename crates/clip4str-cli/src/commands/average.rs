@@ -8,8 +8,8 @@ use clap::Args;
 use clip4str::checkpoint::{RawCheckpoint, WeightedAverage};
 use clip4str::preprocess::Normalization;
 
-use crate::convert::{check_output, load_model_file, write_model_file, ModelFile, WriteArgs};
-use crate::read::load_config;
+use crate::model_file::{check_output, load_model_file, write_model_file, ModelFile, WriteArgs};
+use crate::model_source::load_config;
 
 /// Arguments of `clip4str average`.
 #[derive(Debug, Args)]

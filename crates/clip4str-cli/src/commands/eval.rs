@@ -3,7 +3,7 @@
 //! Images are read, decoded and preprocessed on worker threads while the model runs on the previous
 //! batch (a bounded pipeline), so the model does not wait for JPEG decoding.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::mpsc::sync_channel;
@@ -16,10 +16,10 @@ use clip4str::data::{discover_datasets, open_dataset_as, Dataset, FilteredLabels
 use clip4str::eval::{combined, results_table, DatasetResult, TEST_BENCHMARK, TEST_NEW};
 use clip4str::preprocess::{decode_rgb, rotate_expand};
 use clip4str::recognizer::{Recognizer, RecognizerOptions};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 
 use crate::model_source::{load_recognizer, ModelArgs};
+use crate::output::{progress_bar, ReportFormat};
 
 /// Which named benchmark group to evaluate when a root holds them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -30,15 +30,6 @@ pub enum Benchmark {
     New,
     /// Both groups.
     All,
-}
-
-/// Output formats of `eval`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    /// test.py's markdown tables.
-    Text,
-    /// One JSON document with per-dataset and combined figures.
-    Json,
 }
 
 /// Arguments of `clip4str eval`.
@@ -68,8 +59,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub limit: Option<usize>,
     /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
+    #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
+    pub format: ReportFormat,
     /// Decode every image as if it were alone, so results do not depend on the batch (the reference stops
     /// a batch only when all images have ended).
     #[arg(long)]
@@ -193,17 +184,17 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     };
     let rec = load_recognizer(&args.weights, opts)?;
     let adapter = CharsetAdapter::new(&charset);
-    let max_len = rec.config().max_label_length;
+    let max_len = rec.max_label_length();
 
     let mut jobs = Vec::new();
     let mut failed_total = 0usize;
     let (datasets, benchmark) = resolve_datasets(&args)?;
     for (name, path) in datasets {
         let dataset = open_dataset_as(&path, &name)
-            .map_err(|e| crate::name_path_once(e, &path, "opening"))?;
+            .map_err(|e| crate::error_chain::name_path_once(e, &path, "opening"))?;
         let mut labels = dataset
             .filtered(&adapter, max_len, true, true)
-            .map_err(|e| crate::name_path_once(e, &path, "reading labels of"))?;
+            .map_err(|e| crate::error_chain::name_path_once(e, &path, "reading labels of"))?;
         for err in &labels.failed {
             eprintln!("error: {name}: {err}");
         }
@@ -221,16 +212,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         )),
         None => None,
     };
-    let progress = if std::io::stderr().is_terminal() {
-        let bar = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template("{msg:12} {bar:40} {pos}/{len} {per_sec} eta {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        bar
-    } else {
-        ProgressBar::hidden()
-    };
+    let progress = progress_bar(total, "{msg:12} {bar:40} {pos}/{len} {per_sec} eta {eta}");
 
     let mut results: Vec<DatasetResult> = jobs
         .iter()
@@ -336,7 +318,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn print_results(
-    format: Format,
+    format: ReportFormat,
     benchmark: Option<Benchmark>,
     results: &[DatasetResult],
     ips: f64,
@@ -345,7 +327,7 @@ fn print_results(
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     match format {
-        Format::Text => {
+        ReportFormat::Text => {
             let mut groups: Vec<(&str, Vec<DatasetResult>)> = Vec::new();
             let pick = |names: &[&str]| -> Vec<DatasetResult> {
                 names
@@ -376,7 +358,7 @@ fn print_results(
                 rayon::current_num_threads()
             )?;
         }
-        Format::Json => {
+        ReportFormat::Json => {
             let doc = serde_json::json!({
                 "datasets": results.iter().map(|r| r.row()).collect::<Vec<_>>(),
                 "combined": combined(results),

@@ -10,7 +10,7 @@ use anyhow::Context;
 use candle_core::{Device, Tensor};
 use clap::{Args, ValueEnum};
 use clip4str::config::Clip4StrConfig;
-use clip4str::model::{Clip4Str, StageTimings};
+use clip4str::model::{Clip4Str, Stage, StageObserver};
 use clip4str::preprocess::decode_rgb;
 use clip4str::recognizer::{Recognizer, RecognizerOptions};
 use clip4str::train::init::init_weights;
@@ -66,7 +66,49 @@ pub struct BenchArgs {
     pub format: BenchFormat,
 }
 
-/// One timed run: preprocessing, then the model's own stage timings, then logits to strings.
+/// Wall time of each stage of one forward (CPU ops are synchronous, so wall time per stage is exact).
+#[derive(Debug, Clone, Copy, Default)]
+struct StageTimings {
+    encoder: Duration,
+    visual_decode: Duration,
+    text_encoder: Duration,
+    cross_decode: Duration,
+    refine: Duration,
+}
+
+/// Times the stages of a forward from the model's stage-end notices: everything since the previous notice
+/// belongs to the stage that just ended.
+struct StageClock {
+    last: Instant,
+    timings: StageTimings,
+}
+
+impl StageClock {
+    fn start() -> Self {
+        Self {
+            last: Instant::now(),
+            timings: StageTimings::default(),
+        }
+    }
+}
+
+impl StageObserver for StageClock {
+    fn stage_done(&mut self, stage: Stage) {
+        let now = Instant::now();
+        let spent = now - self.last;
+        self.last = now;
+        let t = &mut self.timings;
+        *match stage {
+            Stage::Encoder => &mut t.encoder,
+            Stage::VisualDecode => &mut t.visual_decode,
+            Stage::TextEncoder => &mut t.text_encoder,
+            Stage::CrossDecode => &mut t.cross_decode,
+            Stage::Refine => &mut t.refine,
+        } += spent;
+    }
+}
+
+/// One timed run: preprocessing, then the model's stages, then logits to strings.
 struct Run {
     preprocess: Duration,
     stages: StageTimings,
@@ -159,7 +201,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             (rec, args.weights.label())
         }
     };
-    let cfg = recognizer.config().clone();
+    let [input_h, input_w] = recognizer.input_size();
     let png = sample_png()?;
 
     let one_run = || -> anyhow::Result<Run> {
@@ -170,13 +212,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             .collect::<Result<_, _>>()?;
         let batch = recognizer.batch_tensor(&inputs)?;
         let preprocess = start.elapsed();
-        let trace = recognizer.trace(&batch)?;
+        let mut clock = StageClock::start();
+        let trace = recognizer.trace_observed(&batch, &mut clock)?;
         let post = Instant::now();
         let preds = recognizer.decode(&trace.final_logits)?;
         debug_assert_eq!(preds.len(), args.batch_size);
         Ok(Run {
             preprocess,
-            stages: trace.timings,
+            stages: clock.timings,
             postprocess: post.elapsed(),
             total: start.elapsed(),
         })
@@ -224,7 +267,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         Steps::Seven => "7",
         Steps::Auto => "auto",
     };
-    let build = if clip4str::nn::packed::f32_supported() {
+    let build = if clip4str::nn::packed_f32_supported() {
         format!(
             "{}; linear layers: clip4str packed AVX-512",
             clip4str::GEMM_BACKEND
@@ -246,7 +289,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 .collect();
             let doc = serde_json::json!({
                 "model": model_name,
-                "image_size": cfg.vision.image_size,
+                "image_size": [input_h, input_w],
                 "batch_size": args.batch_size,
                 "steps": steps_name,
                 "precision": args.weights.precision.name(),
@@ -264,7 +307,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         BenchFormat::Text => {
             println!(
                 "model {model_name}, input {}x{}, batch {}, steps {steps_name}, {}, {threads} threads, {build}",
-                cfg.vision.image_size[0], cfg.vision.image_size[1], args.batch_size, args.weights.precision.name()
+                input_h, input_w, args.batch_size, args.weights.precision.name()
             );
             println!(
                 "cpu {}; {} timed runs after {} warm-up",

@@ -209,7 +209,8 @@ pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
     let mut sink = match (&args.preview, &args.out) {
         (Some(dir), _) => Sink::preview(dir)?,
         (None, Some(out)) => Sink::Lmdb(
-            LmdbWriter::create(out).map_err(|e| crate::name_path_once(e, out, "creating"))?,
+            LmdbWriter::create(out)
+                .map_err(|e| crate::error_chain::name_path_once(e, out, "creating"))?,
         ),
         (None, None) => anyhow::bail!("give --out LMDB_DIR or --preview DIR"),
     };

@@ -6,7 +6,10 @@ use image::imageops::{overlay, resize, FilterType};
 use image::{Rgb, RgbImage};
 
 /// Caladea Regular, the test font of the repository (OFL; `tests/fixtures/fonts/Caladea-LICENSE.txt`).
-const FONT: &[u8] = include_bytes!("../../../../tests/fixtures/fonts/Caladea-Regular.ttf");
+const FONT: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../tests/fixtures/fonts/Caladea-Regular.ttf"
+));
 
 /// Tiles per row.
 pub const COLUMNS: usize = 4;

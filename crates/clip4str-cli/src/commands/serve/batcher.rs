@@ -52,7 +52,7 @@ impl ReadOptions {
             per_sample_stop: true,
             normalization: Some(base.normalization()),
             precision: base.options().precision,
-            ..crate::read::case_options(self.cased, self.punctuation)
+            ..crate::output::case_options(self.cased, self.punctuation)
         }
     }
 }

@@ -1,0 +1,41 @@
+//! What the fused kernels ([`super::fused`]), their backward passes ([`super::fused_grad`]) and the packed
+//! linear layers ([`super::packed`]) share: row-parallel iteration and access to contiguous f32 storage. It
+//! sits below all three, so none has to import another's internals.
+
+use candle_core::{CpuStorage, Layout, Result};
+use rayon::prelude::*;
+
+/// Elements below which a kernel stays on the calling thread, and the least work per rayon task.
+pub(super) const PARALLEL_GRAIN: usize = 16 * 1024;
+
+/// Runs `row(i, out_row)` for every row of `out`, in parallel when there is enough work.
+pub(super) fn for_each_row(out: &mut [f32], width: usize, row: impl Fn(usize, &mut [f32]) + Sync) {
+    if width == 0 {
+        return;
+    }
+    if out.len() < PARALLEL_GRAIN {
+        out.chunks_mut(width)
+            .enumerate()
+            .for_each(|(i, r)| row(i, r));
+    } else {
+        out.par_chunks_mut(width)
+            .enumerate()
+            .with_min_len(PARALLEL_GRAIN.div_ceil(width))
+            .for_each(|(i, r)| row(i, r));
+    }
+}
+
+/// The contiguous f32 data of a storage under `layout`.
+pub(super) fn contiguous<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: expected f32 input");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: expected a contiguous input");
+    };
+    Ok(&data[start..end])
+}
