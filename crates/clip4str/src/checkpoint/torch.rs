@@ -14,8 +14,9 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use zip::ZipArchive;
 
+use super::elements::{decode_elements, ElemType};
 use super::pickle::{Id, Node, Pickle, TensorRef};
-use super::{decode_elements, CheckpointFormat, ElemType, LoadError, Loaded};
+use super::{CheckpointFormat, LoadError, Loaded};
 
 /// Largest `data.pkl` we are willing to hold in memory (optimizer state can make it big).
 const MAX_PICKLE_BYTES: u64 = 1 << 30;
