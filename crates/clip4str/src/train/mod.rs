@@ -14,9 +14,11 @@ mod params;
 mod perms;
 mod schedule;
 
+mod config;
 pub mod init;
 mod trainer;
 
+pub use config::{DataSpec, InitSpec, ModelSpec, OptimSpec, PositionalInit, RunSpec, TrainConfig};
 pub use ctc::{ctc_feasible, ctc_loss, CtcHead, CTC_HEAD_PREFIX};
 pub use loss::{cross_entropy, training_loss, LossOptions, PermLoss, TrainingLoss};
 pub use optim::{
@@ -26,10 +28,7 @@ pub use optim::{
 pub use params::{is_trainable, trainable_names, ParamStore};
 pub use perms::{gen_tgt_perms, generate_attn_masks};
 pub use schedule::OneCycleLr;
-pub use trainer::{
-    DataSpec, InitSpec, ModelSpec, OptimSpec, PositionalInit, RunSpec, StepMetrics, TrainConfig,
-    TrainObserver, Trainer,
-};
+pub use trainer::{StepMetrics, TrainObserver, Trainer};
 
 use crate::charset::CharsetError;
 

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use super::config::{InitSpec, PositionalInit, TrainConfig};
 use super::init::{initial_weights, sincos_positional, InitSource, VISUAL_POSITIONAL};
 use super::{
     clip_grad_norm, ctc_loss, gen_tgt_perms, training_loss, AdamW, CtcHead, LossOptions,
@@ -25,265 +26,12 @@ use super::{
 use crate::charset::CharsetAdapter;
 use crate::checkpoint::{read_checkpoint, save_safetensors};
 use crate::config::Clip4StrConfig;
-use crate::data::loader::{TrainLoader, TrainLoaderConfig};
+use crate::data::loader::{Batches, TrainLoader, TrainLoaderConfig};
 use crate::data::{open_dataset, Dataset};
 use crate::eval::DatasetResult;
 use crate::model::Clip4Str;
 use crate::preprocess::{decode_rgb, Normalization};
 use crate::recognizer::{Recognizer, RecognizerOptions};
-
-/// Model size: a preset plus optional overrides (all dims explicit for a from-scratch model).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelSpec {
-    /// `tiny`, `small`, `b16`, `b32`, `l14`, `h14`; ignored when initialising from a CLIP4STR checkpoint.
-    pub preset: Option<String>,
-    /// Input `[height, width]`.
-    pub image_size: Option<[usize; 2]>,
-    /// Patch `[height, width]`.
-    pub patch_size: Option<[usize; 2]>,
-    /// ViT width.
-    pub vision_width: Option<usize>,
-    /// ViT blocks.
-    pub vision_layers: Option<usize>,
-    /// ViT heads.
-    pub vision_heads: Option<usize>,
-    /// Text transformer width.
-    pub text_width: Option<usize>,
-    /// Text blocks.
-    pub text_layers: Option<usize>,
-    /// Text heads.
-    pub text_heads: Option<usize>,
-    /// CLIP embedding = decoder width.
-    pub embed_dim: Option<usize>,
-    /// Decoder heads.
-    pub decoder_heads: Option<usize>,
-    /// Training charset (default: the 94 printable ASCII characters).
-    pub charset_train: Option<String>,
-    /// Caption / evaluation charset (default: lowercase alphanumerics).
-    pub charset_test: Option<String>,
-    /// Frozen text blocks.
-    pub text_freeze_nlayer: Option<i64>,
-    /// Frozen ViT blocks.
-    pub image_freeze_nlayer: Option<i64>,
-    /// Decoder dropout.
-    pub dropout: Option<f32>,
-}
-
-impl ModelSpec {
-    /// Resolves the preset and overrides into a validated config.
-    pub fn resolve(&self) -> Result<Clip4StrConfig, TrainError> {
-        let name = self.preset.as_deref().unwrap_or("small");
-        let mut cfg = Clip4StrConfig::by_name(name)
-            .ok_or_else(|| TrainError::Config(format!("unknown model preset {name:?}")))?;
-        self.apply(&mut cfg);
-        cfg.validate()
-            .map_err(|e| TrainError::Config(e.to_string()))?;
-        Ok(cfg)
-    }
-
-    fn apply(&self, cfg: &mut Clip4StrConfig) {
-        fn set<T: Clone>(dst: &mut T, src: &Option<T>) {
-            if let Some(v) = src {
-                *dst = v.clone();
-            }
-        }
-        set(&mut cfg.vision.image_size, &self.image_size);
-        set(&mut cfg.vision.patch_size, &self.patch_size);
-        set(&mut cfg.vision.width, &self.vision_width);
-        set(&mut cfg.vision.layers, &self.vision_layers);
-        set(&mut cfg.vision.heads, &self.vision_heads);
-        set(&mut cfg.text.width, &self.text_width);
-        set(&mut cfg.text.layers, &self.text_layers);
-        set(&mut cfg.text.heads, &self.text_heads);
-        if let Some(e) = self.embed_dim {
-            cfg.embed_dim = e;
-            cfg.decoder.dim = e;
-            cfg.decoder.mlp_hidden = 4 * e;
-        }
-        set(&mut cfg.decoder.heads, &self.decoder_heads);
-        set(&mut cfg.charset_train, &self.charset_train);
-        set(&mut cfg.charset_test, &self.charset_test);
-        set(&mut cfg.text_freeze_nlayer, &self.text_freeze_nlayer);
-        set(&mut cfg.image_freeze_nlayer, &self.image_freeze_nlayer);
-        set(&mut cfg.dropout, &self.dropout);
-    }
-}
-
-/// Where the starting weights come from.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "source", rename_all = "lowercase", deny_unknown_fields)]
-pub enum InitSpec {
-    /// Reference random initialisation.
-    Scratch {
-        /// The image encoder's positional embedding at the start.
-        #[serde(default)]
-        positional: PositionalInit,
-    },
-    /// Fine-tune a CLIP4STR checkpoint (its dims win over `[model]`).
-    Clip4str {
-        /// Checkpoint file.
-        path: PathBuf,
-    },
-    /// CLIP weights (OpenAI TorchScript `.pt` or OpenCLIP `.bin`) with random decoders.
-    Clip {
-        /// CLIP file.
-        path: PathBuf,
-    },
-}
-
-impl Default for InitSpec {
-    fn default() -> Self {
-        Self::Scratch {
-            positional: PositionalInit::default(),
-        }
-    }
-}
-
-/// How a from-scratch run starts the image encoder's positional embedding.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PositionalInit {
-    /// The reference's `width^-0.5 * randn`.
-    #[default]
-    Random,
-    /// A 2-D sine-cosine table ([`sincos_positional`]): positions are distinguishable from step 0.
-    Sincos,
-}
-
-/// Datasets.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DataSpec {
-    /// Training roots (every LMDB / labels.tsv dataset below each is used).
-    pub train: Vec<PathBuf>,
-    /// Times each `train` root is repeated per epoch, one entry per root (default: all 1).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub repeat: Vec<usize>,
-    /// Validation datasets.
-    #[serde(default)]
-    pub val: Vec<PathBuf>,
-    /// RandAugment on training images.
-    #[serde(default = "yes")]
-    pub augment: bool,
-    /// Decoding threads (0: all cores).
-    #[serde(default)]
-    pub workers: usize,
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// Optimisation settings (SPEC §12.6-12.8).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OptimSpec {
-    /// Images per step.
-    pub batch_size: usize,
-    /// Base learning rate before the linear scaling rule (`batch * accumulate / 512 * lr`).
-    pub lr: f64,
-    /// Optimizer steps (takes precedence over `epochs`).
-    pub max_steps: Option<usize>,
-    /// Epochs, used when `max_steps` is absent.
-    pub epochs: Option<usize>,
-    /// One-cycle warm-up fraction.
-    pub warmup_pct: f64,
-    /// AdamW decoupled weight decay.
-    pub weight_decay: f64,
-    /// Decoder learning-rate factor.
-    pub coef_lr: f64,
-    /// Decoder weight-decay factor.
-    pub coef_wd: f64,
-    /// Gradient-norm clipping.
-    pub grad_clip: f64,
-    /// Gradient accumulation (micro-batches per step).
-    pub accumulate: usize,
-    /// Permutations per batch.
-    pub perm_num: usize,
-    /// Weight of an auxiliary CTC loss on the image tokens (0: off, the reference recipe). Speeds up
-    /// training from scratch; the head is kept in the optimizer state file, never in exported weights.
-    pub ctc_weight: f64,
-}
-
-impl Default for OptimSpec {
-    fn default() -> Self {
-        Self {
-            batch_size: 64,
-            lr: 8.4e-5,
-            max_steps: None,
-            epochs: Some(20),
-            warmup_pct: 0.075,
-            weight_decay: 0.2,
-            coef_lr: 19.0,
-            coef_wd: 1.0,
-            grad_clip: 20.0,
-            accumulate: 1,
-            perm_num: 6,
-            ctc_weight: 0.0,
-        }
-    }
-}
-
-/// Run bookkeeping.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RunSpec {
-    /// Output directory.
-    pub output_dir: PathBuf,
-    /// Validate (and save) every this many steps.
-    pub val_interval: usize,
-    /// Validate on at most this many samples per dataset.
-    pub val_limit: Option<usize>,
-    /// Log a metrics line every this many steps.
-    pub log_interval: usize,
-    /// Seed for initialisation, shuffling and permutations.
-    pub seed: u64,
-}
-
-impl Default for RunSpec {
-    fn default() -> Self {
-        Self {
-            output_dir: PathBuf::from("runs/clip4str"),
-            val_interval: 500,
-            val_limit: None,
-            log_interval: 10,
-            seed: 42,
-        }
-    }
-}
-
-/// Everything `clip4str train --config FILE.toml` reads.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrainConfig {
-    /// Model size.
-    #[serde(default)]
-    pub model: ModelSpec,
-    /// Starting weights.
-    #[serde(default)]
-    pub init: InitSpec,
-    /// Datasets.
-    pub data: DataSpec,
-    /// Optimisation.
-    #[serde(default)]
-    pub optim: OptimSpec,
-    /// Bookkeeping.
-    #[serde(default)]
-    pub run: RunSpec,
-}
-
-impl TrainConfig {
-    /// Parses TOML.
-    pub fn from_toml(text: &str) -> Result<Self, TrainError> {
-        toml::from_str(text).map_err(|e| TrainError::Config(e.to_string()))
-    }
-
-    /// Serialises to TOML (what `config.toml` in the output directory holds).
-    pub fn to_toml(&self) -> Result<String, TrainError> {
-        toml::to_string_pretty(self).map_err(|e| TrainError::Config(e.to_string()))
-    }
-}
 
 /// One logged training step.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -344,6 +92,59 @@ pub struct Trainer {
     stop_at: Option<usize>,
     history: Vec<StepMetrics>,
     device: Device,
+}
+
+/// What one optimizer step did.
+struct StepDone {
+    /// Its loss (summed over the accumulated batches).
+    loss: f64,
+    /// Gradient norm before clipping.
+    grad_norm: f64,
+    /// The encoder group's learning rate it used.
+    lr: f64,
+    /// Training images it saw.
+    images: usize,
+}
+
+/// The steps since the last logged line, averaged into the next one.
+struct Window {
+    loss: f64,
+    steps: usize,
+    images: usize,
+    start: Instant,
+}
+
+impl Window {
+    fn start() -> Self {
+        Self {
+            loss: 0.0,
+            steps: 0,
+            images: 0,
+            start: Instant::now(),
+        }
+    }
+
+    fn add(&mut self, done: &StepDone) {
+        self.loss += done.loss;
+        self.steps += 1;
+        self.images += done.images;
+    }
+
+    /// The log line for the trainer's current step (validation figures not yet filled in).
+    fn metrics(&self, trainer: &Trainer, lr: f64, grad_norm: f64) -> StepMetrics {
+        let secs = self.start.elapsed().as_secs_f64().max(1e-9);
+        StepMetrics {
+            step: trainer.state.step,
+            total_steps: trainer.total_steps,
+            epoch: trainer.state.epoch,
+            loss: self.loss / self.steps.max(1) as f64,
+            lr,
+            grad_norm,
+            images_per_second: self.images as f64 / secs,
+            val_accuracy: None,
+            val_one_minus_ned: None,
+        }
+    }
 }
 
 /// CTC frames per patch column: a 16-column grid gives 32 frames, room for labels of up to ~25 characters.
@@ -639,161 +440,154 @@ impl Trainer {
         observer: &mut dyn TrainObserver,
         stop: &AtomicBool,
     ) -> Result<(), TrainError> {
-        let o = self.cfg.optim.clone();
-        let loss_opts = LossOptions {
-            dropout: true,
-            ..LossOptions::default()
-        };
-        let [h, w] = self.model_cfg.vision.image_size;
         let mut batches = self.loader.iter_from(self.state.epoch, self.state.position);
-        let mut window_loss = 0.0;
-        let mut window_steps = 0usize;
-        let mut window_images = 0usize;
-        let mut window_start = Instant::now();
+        let mut window = Window::start();
         let end = self
             .stop_at
             .map_or(self.total_steps, |s| s.min(self.total_steps));
         let mut saved_at = None;
         while self.state.step < end && !stop.load(Ordering::Relaxed) {
-            let lr = self.schedule.lrs()?;
-            self.schedule.apply(&mut self.optimizer)?;
-            let mut accumulated: Option<candle_core::backprop::GradStore> = None;
-            let mut step_loss = 0.0;
-            for _ in 0..o.accumulate {
-                let batch = batches
-                    .next()
-                    .ok_or_else(|| TrainError::Config("the training data ran out".into()))??;
-                let b = batch.labels.len();
-                let images = Tensor::from_vec(batch.images, (b, 3, h, w), &self.device)?;
-                let labels: Vec<&str> = batch.labels.iter().map(String::as_str).collect();
-                let longest = labels.iter().map(|l| l.chars().count()).max().unwrap_or(1);
-                let mut rng = rand::rngs::StdRng::seed_from_u64(
-                    self.cfg.run.seed
-                        ^ (self.state.step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                );
-                let perms = gen_tgt_perms(longest, o.perm_num, true, true, &mut rng);
-                let out = training_loss(&self.model, &images, &labels, &perms, &loss_opts)?;
-                let mut loss = out.loss.clone();
-                if let Some(head) = &self.ctc {
-                    // Character ids between BOS and EOS; the charset's EOS id (0) is the blank.
-                    let eos = self.model.tokenizer.eos_id();
-                    let targets: Vec<Vec<u32>> = out
-                        .tgt
-                        .iter()
-                        .map(|row| row[1..].iter().copied().take_while(|&c| c != eos).collect())
-                        .collect();
-                    let (ctc, _) = ctc_loss(&head.log_probs(&out.memory)?, &targets, eos)?;
-                    loss = (loss + (ctc * o.ctc_weight)?)?;
-                }
-                let loss = (loss / o.accumulate as f64)?;
-                step_loss += loss.to_scalar::<f32>()? as f64;
-                let grads = loss.backward()?;
-                accumulated = Some(match accumulated {
-                    None => grads,
-                    Some(mut acc) => {
-                        for var in self.optimizer.vars() {
-                            if let Some(g) = grads.get(var.as_tensor()) {
-                                let sum = match acc.get(var.as_tensor()) {
-                                    Some(a) => (a + g)?.detach(),
-                                    None => g.detach(),
-                                };
-                                acc.insert(var.as_tensor(), sum);
-                            }
-                        }
-                        acc
-                    }
-                });
-                self.state.epoch = batch.epoch;
-                self.state.position = batch.position;
-                window_images += b;
-            }
-            let mut grads = accumulated.ok_or(TrainError::EmptyBatch)?;
-            let vars: Vec<&Var> = self.optimizer.vars().collect();
-            let norm = clip_grad_norm(&mut grads, vars, o.grad_clip)?;
-            let last_grad_norm = norm.total_norm;
-            if !step_loss.is_finite() || !last_grad_norm.is_finite() {
-                return Err(TrainError::Diverged {
-                    step: self.state.step + 1,
-                    loss: step_loss,
-                    grad_norm: last_grad_norm,
-                });
-            }
-            self.optimizer.step(&grads)?;
-            self.schedule.step();
-            self.state.step += 1;
-            window_loss += step_loss;
-            window_steps += 1;
-
+            let done = self.train_step(&mut batches)?;
+            window.add(&done);
             let step = self.state.step;
             let log_now =
                 step.is_multiple_of(self.cfg.run.log_interval.max(1)) || step == self.total_steps;
             let val_now =
                 step.is_multiple_of(self.cfg.run.val_interval.max(1)) || step == self.total_steps;
             if log_now || val_now {
-                let secs = window_start.elapsed().as_secs_f64().max(1e-9);
-                let mut m = StepMetrics {
-                    step,
-                    total_steps: self.total_steps,
-                    epoch: self.state.epoch,
-                    loss: window_loss / window_steps.max(1) as f64,
-                    lr: lr.first().copied().unwrap_or(0.0),
-                    grad_norm: last_grad_norm,
-                    images_per_second: window_images as f64 / secs,
-                    val_accuracy: None,
-                    val_one_minus_ned: None,
-                };
+                let mut m = window.metrics(self, done.lr, done.grad_norm);
                 if val_now {
-                    if let Some(v) = self.validate()? {
-                        m.val_accuracy = Some(v.accuracy());
-                        m.val_one_minus_ned = Some(v.one_minus_ned());
-                    }
+                    self.validate_into(&mut m)?;
                 }
                 self.log(&m)?;
                 observer.on_step(&m);
                 if val_now {
-                    let better = match (m.val_accuracy, self.state.best_accuracy) {
-                        (Some(a), Some(b)) => a > b,
-                        (Some(_), None) => true,
-                        _ => false,
-                    };
-                    if better {
-                        self.state.best_accuracy = m.val_accuracy;
-                        self.save("best", &m)?;
-                    }
-                    self.save_last(&m)?;
+                    self.save_checkpoints(&m)?;
                     saved_at = Some(step);
                     observer.on_validation(&m, &self.history);
                 }
-                window_loss = 0.0;
-                window_steps = 0;
-                window_images = 0;
-                window_start = Instant::now();
+                window = Window::start();
             }
         }
         // Interrupted, or stopped early by `stop_at`, between validations (possibly before the first log
         // line): keep what was learned.
         let stopped_early = stop.load(Ordering::Relaxed) || self.state.step < self.total_steps;
         if stopped_early && self.state.step > 0 && saved_at != Some(self.state.step) {
-            let secs = window_start.elapsed().as_secs_f64().max(1e-9);
             let previous = self.history.last();
-            let m = StepMetrics {
-                step: self.state.step,
-                total_steps: self.total_steps,
-                epoch: self.state.epoch,
-                loss: if window_steps > 0 {
-                    window_loss / window_steps as f64
-                } else {
-                    previous.map_or(0.0, |p| p.loss)
-                },
-                lr: self.optimizer.lrs().first().copied().unwrap_or(0.0),
-                grad_norm: previous.map_or(0.0, |p| p.grad_norm),
-                images_per_second: window_images as f64 / secs,
-                val_accuracy: None,
-                val_one_minus_ned: None,
-            };
+            let lr = self.optimizer.lrs().first().copied().unwrap_or(0.0);
+            let grad_norm = previous.map_or(0.0, |p| p.grad_norm);
+            let mut m = window.metrics(self, lr, grad_norm);
+            if window.steps == 0 {
+                m.loss = previous.map_or(0.0, |p| p.loss);
+            }
             self.save_last(&m)?;
         }
         Ok(())
+    }
+
+    /// One optimizer step: `optim.accumulate` batches through the PSM loss (plus CTC when on), their
+    /// gradients summed, clipped, and applied with the scheduled learning rates.
+    fn train_step(&mut self, batches: &mut Batches) -> Result<StepDone, TrainError> {
+        let o = self.cfg.optim.clone();
+        let loss_opts = LossOptions {
+            dropout: true,
+            ..LossOptions::default()
+        };
+        let [h, w] = self.model_cfg.vision.image_size;
+        let lr = self.schedule.lrs()?;
+        self.schedule.apply(&mut self.optimizer)?;
+        let mut accumulated: Option<candle_core::backprop::GradStore> = None;
+        let mut step_loss = 0.0;
+        let mut images = 0;
+        for _ in 0..o.accumulate {
+            let batch = batches
+                .next()
+                .ok_or_else(|| TrainError::Config("the training data ran out".into()))??;
+            let b = batch.labels.len();
+            let batch_images = Tensor::from_vec(batch.images, (b, 3, h, w), &self.device)?;
+            let labels: Vec<&str> = batch.labels.iter().map(String::as_str).collect();
+            let longest = labels.iter().map(|l| l.chars().count()).max().unwrap_or(1);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(
+                self.cfg.run.seed ^ (self.state.step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
+            let perms = gen_tgt_perms(longest, o.perm_num, true, true, &mut rng);
+            let out = training_loss(&self.model, &batch_images, &labels, &perms, &loss_opts)?;
+            let mut loss = out.loss.clone();
+            if let Some(head) = &self.ctc {
+                // Character ids between BOS and EOS; the charset's EOS id (0) is the blank.
+                let eos = self.model.tokenizer.eos_id();
+                let targets: Vec<Vec<u32>> = out
+                    .tgt
+                    .iter()
+                    .map(|row| row[1..].iter().copied().take_while(|&c| c != eos).collect())
+                    .collect();
+                let (ctc, _) = ctc_loss(&head.log_probs(&out.memory)?, &targets, eos)?;
+                loss = (loss + (ctc * o.ctc_weight)?)?;
+            }
+            let loss = (loss / o.accumulate as f64)?;
+            step_loss += loss.to_scalar::<f32>()? as f64;
+            let grads = loss.backward()?;
+            accumulated = Some(match accumulated {
+                None => grads,
+                Some(mut acc) => {
+                    for var in self.optimizer.vars() {
+                        if let Some(g) = grads.get(var.as_tensor()) {
+                            let sum = match acc.get(var.as_tensor()) {
+                                Some(a) => (a + g)?.detach(),
+                                None => g.detach(),
+                            };
+                            acc.insert(var.as_tensor(), sum);
+                        }
+                    }
+                    acc
+                }
+            });
+            self.state.epoch = batch.epoch;
+            self.state.position = batch.position;
+            images += b;
+        }
+        let mut grads = accumulated.ok_or(TrainError::EmptyBatch)?;
+        let vars: Vec<&Var> = self.optimizer.vars().collect();
+        let grad_norm = clip_grad_norm(&mut grads, vars, o.grad_clip)?.total_norm;
+        if !step_loss.is_finite() || !grad_norm.is_finite() {
+            return Err(TrainError::Diverged {
+                step: self.state.step + 1,
+                loss: step_loss,
+                grad_norm,
+            });
+        }
+        self.optimizer.step(&grads)?;
+        self.schedule.step();
+        self.state.step += 1;
+        Ok(StepDone {
+            loss: step_loss,
+            grad_norm,
+            lr: lr.first().copied().unwrap_or(0.0),
+            images,
+        })
+    }
+
+    /// Adds the validation figures to `m` (when the run has a validation set).
+    fn validate_into(&self, m: &mut StepMetrics) -> Result<(), TrainError> {
+        if let Some(v) = self.validate()? {
+            m.val_accuracy = Some(v.accuracy());
+            m.val_one_minus_ned = Some(v.one_minus_ned());
+        }
+        Ok(())
+    }
+
+    /// After a validation: `best` when the accuracy improved, and always `last`.
+    fn save_checkpoints(&mut self, m: &StepMetrics) -> Result<(), TrainError> {
+        let better = match (m.val_accuracy, self.state.best_accuracy) {
+            (Some(a), Some(b)) => a > b,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        if better {
+            self.state.best_accuracy = m.val_accuracy;
+            self.save("best", m)?;
+        }
+        self.save_last(m)
     }
 
     fn log(&mut self, m: &StepMetrics) -> Result<(), TrainError> {
