@@ -16,7 +16,6 @@ use clap::{Parser, Subcommand};
 use crate::commands::{
     average, bench, compare, convert, data, eval, models, read, serve, synth, train,
 };
-use crate::error_chain::error_chain;
 
 /// mimalloc keeps freed tensor buffers for reuse; glibc returns large ones to the kernel and every new
 /// tensor then page-faults afresh (measured: training backward 30 % slower, much of it in the kernel).
@@ -105,7 +104,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {}", error_chain(&err));
+            eprintln!("error: {err:#}");
             ExitCode::from(2)
         }
     }

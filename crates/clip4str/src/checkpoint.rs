@@ -92,17 +92,17 @@ impl RawCheckpoint {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// The file cannot be opened or read (missing, a directory, permissions, ...).
-    #[error("checkpoint {}: cannot read the file: {source}", .path.display())]
+    #[error("checkpoint {}: cannot read the file: {error}", .path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file cannot be written (no such folder, permissions, disk full, ...): kept apart from `Io` so that
     /// the message says which of the two failed.
-    #[error("checkpoint {}: cannot write the file: {source}", .path.display())]
+    #[error("checkpoint {}: cannot write the file: {error}", .path.display())]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Not a checkpoint we can read (text, image, legacy torch format, ...).
     #[error("checkpoint {}: unsupported format: {reason}", .path.display())]
@@ -151,10 +151,10 @@ pub enum LoadError {
     #[error("checkpoint {}: {reason}", .path.display())]
     Config { path: PathBuf, reason: String },
     /// candle failed while building a tensor.
-    #[error("checkpoint {}: tensor operation failed: {source}", .path.display())]
+    #[error("checkpoint {}: tensor operation failed: {error}", .path.display())]
     Tensor {
         path: PathBuf,
-        source: candle_core::Error,
+        error: candle_core::Error,
     },
 }
 
@@ -179,7 +179,7 @@ struct Loaded {
 pub fn read_checkpoint(path: &Path) -> Result<RawCheckpoint, LoadError> {
     let io = |source| LoadError::Io {
         path: path.to_path_buf(),
-        source,
+        error: source,
     };
     let mut head = Vec::with_capacity(64);
     File::open(path)

@@ -143,7 +143,7 @@ pub fn identify(
         .expected_tensors()
         .map_err(|source| LoadError::Tensor {
             path: raw.path.clone(),
-            source,
+            error: source,
         })?;
     check_tensors(raw, &expected)?;
     Ok(Identified { config, expected })
@@ -172,7 +172,7 @@ impl Model {
         let vb = raw.var_builder(DType::F32, device);
         let tensor_error = |source| LoadError::Tensor {
             path: raw.path.clone(),
-            source,
+            error: source,
         };
         match &identified.config {
             ModelConfig::Clip4Str(cfg) => Ok(Self::Clip4Str(

@@ -70,3 +70,95 @@ pub use preprocess::{decode_rgb, ImageError, Normalization};
 pub use recognizer::{Prediction, Recognizer, RecognizerError, RecognizerOptions};
 #[cfg(feature = "train")]
 pub use train::{TrainConfig, TrainError, Trainer};
+
+#[cfg(test)]
+mod error_tests {
+    use std::error::Error;
+    use std::path::PathBuf;
+
+    use crate::{checkpoint::LoadError, data::DataError, preprocess::ImageError, RecognizerError};
+
+    /// Each error prints its cause or returns it from `source()`, never both: a printed chain (`{:#}`) then
+    /// names every cause once without the CLI having to de-duplicate.
+    fn assert_cause_once(e: &(dyn Error + 'static)) {
+        let shown = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            assert!(
+                !shown.contains(&c.to_string()),
+                "{shown:?} prints its cause {:?} and returns it from source()",
+                c.to_string()
+            );
+            cause = c.source();
+        }
+    }
+
+    fn io() -> std::io::Error {
+        std::io::Error::other("disk on fire")
+    }
+
+    fn candle() -> candle_core::Error {
+        candle_core::Error::Msg("shape mismatch in matmul".into())
+    }
+
+    #[test]
+    fn no_error_prints_its_source_and_returns_it() {
+        let path = PathBuf::from("m.ckpt");
+        let image = || ImageError::InvalidSize {
+            width: 0,
+            height: 0,
+        };
+        let errors: Vec<Box<dyn Error>> = vec![
+            Box::new(LoadError::Io {
+                path: path.clone(),
+                error: io(),
+            }),
+            Box::new(LoadError::Write {
+                path: path.clone(),
+                error: io(),
+            }),
+            Box::new(LoadError::Tensor {
+                path: path.clone(),
+                error: candle(),
+            }),
+            Box::new(DataError::Io {
+                path: path.clone(),
+                error: io(),
+            }),
+            Box::new(DataError::Lmdb {
+                path: path.clone(),
+                error: heed::Error::Io(io()),
+            }),
+            Box::new(DataError::Image {
+                key: "image-000000001".into(),
+                error: image(),
+            }),
+            Box::new(RecognizerError::from(candle())),
+            Box::new(RecognizerError::from(LoadError::Io {
+                path: path.clone(),
+                error: io(),
+            })),
+        ];
+        #[cfg(feature = "train")]
+        let errors = {
+            use crate::data::synth::SynthError;
+            use crate::train::{init::InitError, TrainError};
+            let mut errors = errors;
+            errors.push(Box::new(SynthError::Io {
+                path: path.clone(),
+                error: io(),
+            }));
+            errors.push(Box::new(SynthError::from(image())));
+            errors.push(Box::new(InitError::from(candle())));
+            errors.push(Box::new(TrainError::from(InitError::from(candle()))));
+            errors.push(Box::new(TrainError::from(DataError::Io {
+                path: path.clone(),
+                error: io(),
+            })));
+            errors
+        };
+        for e in &errors {
+            assert_cause_once(e.as_ref());
+        }
+    }
+}

@@ -22,10 +22,17 @@ pub enum RecognizerError {
     Load(#[from] LoadError),
     /// The model failed while running (shape or device problem).
     #[error("model error: {0}")]
-    Model(#[from] candle_core::Error),
+    Model(candle_core::Error),
     /// Options that contradict each other or the checkpoint.
     #[error("invalid options: {0}")]
     Options(String),
+}
+
+// By hand rather than `#[from]`, which would also return the cause from `source()` while the message prints it.
+impl From<candle_core::Error> for RecognizerError {
+    fn from(error: candle_core::Error) -> Self {
+        Self::Model(error)
+    }
 }
 
 /// Knobs of the recognizer; `Default` reproduces the reference `read.py`.

@@ -61,7 +61,7 @@ impl WeightedAverage {
     pub fn add(&mut self, raw: &RawCheckpoint, weight: f64) -> Result<(), LoadError> {
         let tensor_error = |source| LoadError::Tensor {
             path: raw.path.clone(),
-            source,
+            error: source,
         };
         if !weight.is_finite() || weight < 0.0 {
             return Err(LoadError::Config {
@@ -121,7 +121,7 @@ impl WeightedAverage {
         }
         let tensor_error = |source| LoadError::Tensor {
             path: path.clone(),
-            source,
+            error: source,
         };
         let total = Tensor::new(self.total_weight as f32, &Device::Cpu).map_err(tensor_error)?;
         self.names

@@ -27,7 +27,7 @@ pub fn save_safetensors(
     };
     let io = |source| LoadError::Write {
         path: path.to_path_buf(),
-        source,
+        error: source,
     };
     if tensors.is_empty() {
         return Err(config(
@@ -45,7 +45,7 @@ pub fn save_safetensors(
         let view = SaveView::new(tensor)
             .map_err(|source| LoadError::Tensor {
                 path: path.to_path_buf(),
-                source,
+                error: source,
             })?
             .ok_or_else(|| {
                 config(format!(
@@ -149,7 +149,7 @@ struct SafetensorsEntry {
 pub(super) fn read_safetensors(path: &Path) -> Result<Loaded, LoadError> {
     let io = |source| LoadError::Io {
         path: path.to_path_buf(),
-        source,
+        error: source,
     };
     let file = File::open(path).map_err(io)?;
     let file_len = file.metadata().map_err(io)?.len();
@@ -168,7 +168,7 @@ pub(super) fn safetensors_from(
     };
     let io = |source| LoadError::Io {
         path: path.to_path_buf(),
-        source,
+        error: source,
     };
     let mut len_bytes = [0u8; 8];
     file.read_exact(&mut len_bytes)
@@ -235,7 +235,7 @@ pub(super) fn safetensors_from(
             Tensor::from_vec(values, e.shape.as_slice(), &Device::Cpu).map_err(|source| {
                 LoadError::Tensor {
                     path: path.to_path_buf(),
-                    source,
+                    error: source,
                 }
             })?;
         if !source_types.contains(&e.elem) {

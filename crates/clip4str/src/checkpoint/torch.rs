@@ -37,7 +37,7 @@ pub(super) fn read(path: &Path) -> Result<Loaded, LoadError> {
     };
     let file = File::open(path).map_err(|source| LoadError::Io {
         path: path.to_path_buf(),
-        source,
+        error: source,
     })?;
     let mut zip = ZipArchive::new(BufReader::new(file))
         .map_err(|e| corrupt(format!("cannot open the zip archive ({e})")))?;
@@ -206,7 +206,7 @@ fn load_all(
             .map_err(|reason| corrupt(format!("tensor {name}: {reason}")))?
             .map_err(|source| LoadError::Tensor {
                 path: path.to_path_buf(),
-                source,
+                error: source,
             })?;
         tensors.push((name, tensor));
     }

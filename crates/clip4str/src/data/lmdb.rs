@@ -39,7 +39,7 @@ static OPEN_ENVS: Mutex<Vec<(PathBuf, Weak<SharedEnv>)>> = Mutex::new(Vec::new()
 fn lmdb_error(path: &Path) -> impl FnOnce(heed::Error) -> DataError + '_ {
     move |source| DataError::Lmdb {
         path: path.to_owned(),
-        source,
+        error: source,
     }
 }
 
@@ -149,7 +149,7 @@ fn open_shared_read_only(path: &Path) -> Result<Arc<SharedEnv>, DataError> {
         .unwrap_commit()
         .ok_or_else(|| DataError::Lmdb {
             path: path.to_owned(),
-            source: heed::Error::Mdb(MdbError::NotFound),
+            error: heed::Error::Mdb(MdbError::NotFound),
         })?;
     let shared = Arc::new(SharedEnv { env, db });
     registry.push((canonical, Arc::downgrade(&shared)));
@@ -184,7 +184,7 @@ impl LmdbDataset {
         if !data_file.is_file() {
             return Err(DataError::Io {
                 path: data_file,
-                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                error: std::io::Error::from(std::io::ErrorKind::NotFound),
             });
         }
         check_not_truncated(&data_file)?;
@@ -435,7 +435,7 @@ impl LmdbWriter {
                 Err(source) => {
                     return Err(DataError::Lmdb {
                         path: self.path.clone(),
-                        source,
+                        error: source,
                     })
                 }
             }

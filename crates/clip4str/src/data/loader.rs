@@ -285,7 +285,7 @@ impl Pipeline {
         let [height, width] = image_size;
         let invalid = || DataError::Image {
             key: "image_size".to_owned(),
-            source: ImageError::InvalidSize {
+            error: ImageError::InvalidSize {
                 width: u32::try_from(width).unwrap_or(u32::MAX),
                 height: u32::try_from(height).unwrap_or(u32::MAX),
             },
@@ -343,7 +343,7 @@ impl Pipeline {
             let bytes = dataset.image(record)?;
             let image = decode_rgb(&bytes).map_err(|source| DataError::Image {
                 key: dataset.key(record),
-                source,
+                error: source,
             })?;
             let image = match &self.augment {
                 Some(augment) => {
@@ -358,7 +358,7 @@ impl Pipeline {
         catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|_| {
             Err(DataError::Image {
                 key: dataset.key(record),
-                source: ImageError::Decode {
+                error: ImageError::Decode {
                     reason: "the image pipeline panicked on this record".to_owned(),
                 },
             })
@@ -522,7 +522,7 @@ fn spawn_batches(pipeline: &Arc<Pipeline>, plan: Plan) -> Batches {
             let (sender, receiver) = sync_channel(1);
             let _ = sender.send(Err(DataError::Io {
                 path: PathBuf::from("<loader thread>"),
-                source,
+                error: source,
             }));
             Batches {
                 receiver: Some(receiver),
@@ -1021,7 +1021,7 @@ mod tests {
         assert!(matches!(
             err,
             DataError::Image {
-                source: ImageError::InvalidSize { .. },
+                error: ImageError::InvalidSize { .. },
                 ..
             }
         ));

@@ -33,20 +33,20 @@ pub const LABELS_FILE: &str = "labels.tsv";
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// A file or folder could not be read or written.
-    #[error("{}: {source}", .path.display())]
+    #[error("{}: {error}", .path.display())]
     Io {
         /// The file or folder.
         path: PathBuf,
         /// The operating system's reason.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// LMDB refused an operation on the environment at `path`.
-    #[error("{}: LMDB error: {source}", .path.display())]
+    #[error("{}: LMDB error: {error}", .path.display())]
     Lmdb {
         /// The LMDB folder.
         path: PathBuf,
         /// heed's reason.
-        source: heed::Error,
+        error: heed::Error,
     },
     /// The folder holds neither `data.mdb` nor `labels.tsv`.
     #[error("{}: not a dataset (no data.mdb, no labels.tsv)", .path.display())]
@@ -91,12 +91,12 @@ pub enum DataError {
         reason: String,
     },
     /// A record's image bytes do not decode.
-    #[error("{key}: {source}")]
+    #[error("{key}: {error}")]
     Image {
         /// The record key (`image-000000003`, or the file name).
         key: String,
         /// The decoder's reason.
-        source: ImageError,
+        error: ImageError,
     },
     /// A record index past the end of the dataset.
     #[error("{name}: index {index} is out of range (dataset has {len} records)")]
@@ -149,7 +149,10 @@ impl DataError {
 
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> DataError {
         let path = path.into();
-        move |source| DataError::Io { path, source }
+        move |source| DataError::Io {
+            path,
+            error: source,
+        }
     }
 }
 
@@ -169,7 +172,7 @@ impl Sample {
     pub fn decode_rgb(&self) -> Result<RgbImage, DataError> {
         decode_rgb(&self.image_bytes).map_err(|source| DataError::Image {
             key: self.key.clone(),
-            source,
+            error: source,
         })
     }
 }
@@ -311,7 +314,7 @@ pub fn open_dataset_as(path: impl AsRef<Path>, name: &str) -> Result<Box<dyn Dat
     if !path.exists() {
         return Err(DataError::Io {
             path: path.to_owned(),
-            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            error: std::io::Error::from(std::io::ErrorKind::NotFound),
         });
     }
     Err(DataError::NotADataset {

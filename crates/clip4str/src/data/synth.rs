@@ -109,22 +109,36 @@ pub enum SynthError {
         other_split: usize,
     },
     /// A file could not be read.
-    #[error("{}: {source}", .path.display())]
+    #[error("{}: {error}", .path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// The operating system's reason.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A configuration value is out of range.
     #[error("invalid synth configuration: {0}")]
     InvalidConfig(String),
     /// Encoding an image failed.
     #[error("image encoding failed: {0}")]
-    Encode(#[from] image::ImageError),
+    Encode(image::ImageError),
     /// Decoding a JPEG this module just encoded failed (a bug, reported rather than panicking).
     #[error("JPEG round trip failed: {0}")]
-    Decode(#[from] crate::preprocess::ImageError),
+    Decode(crate::preprocess::ImageError),
+}
+
+// By hand rather than `#[from]`, which would also return the cause from `source()`: the message prints it
+// already, and a printed chain would show it twice.
+impl From<image::ImageError> for SynthError {
+    fn from(error: image::ImageError) -> Self {
+        Self::Encode(error)
+    }
+}
+
+impl From<crate::preprocess::ImageError> for SynthError {
+    fn from(error: crate::preprocess::ImageError) -> Self {
+        Self::Decode(error)
+    }
 }
 
 /// What a synthesizer draws from: font files and a word list.

@@ -65,7 +65,14 @@ pub enum InitError {
     Invalid(crate::config::ConfigError),
     /// A tensor could not be created.
     #[error("weight initialisation: {0}")]
-    Tensor(#[from] candle_core::Error),
+    Tensor(candle_core::Error),
+}
+
+// By hand rather than `#[from]`, which would also return the cause from `source()` while the message prints it.
+impl From<candle_core::Error> for InitError {
+    fn from(error: candle_core::Error) -> Self {
+        Self::Tensor(error)
+    }
 }
 
 /// The CLIP tensors of a file as `clip_model.*` f32 tensors, ready to be checked against a model.

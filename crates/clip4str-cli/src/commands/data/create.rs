@@ -87,10 +87,12 @@ fn check_record(dataset: &FolderDataset, index: usize) -> Result<(String, Vec<u8
     check_label(&label)?;
     let bytes = match dataset.image(index) {
         Ok(bytes) => bytes,
-        Err(DataError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+        Err(DataError::Io { error: source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
             return Err(Problem::MissingFile)
         }
-        Err(DataError::Io { source, .. }) => return Err(Problem::Unreadable(source)),
+        Err(DataError::Io { error: source, .. }) => return Err(Problem::Unreadable(source)),
         Err(other) => return Err(Problem::Line(other)),
     };
     let image = decode_rgb(&bytes).map_err(|e| Problem::BadImage(e.to_string()))?;

@@ -110,7 +110,7 @@ pub fn default_word_files() -> Vec<PathBuf> {
 pub fn load_words(path: &Path, max_len: usize) -> Result<Vec<String>, SynthError> {
     let bytes = std::fs::read(path).map_err(|source| SynthError::Io {
         path: path.to_owned(),
-        source,
+        error: source,
     })?;
     let mut seen = HashSet::new();
     let mut words = Vec::new();
