@@ -98,7 +98,7 @@ fn safetensors_and_flat_pt_with_config_read_like_reference() {
 }
 
 #[test]
-fn folder_with_a_corrupt_image_reports_it_and_goes_on() {
+fn folder_with_a_corrupt_image_and_a_link_loop_reports_it_and_goes_on() {
     let dir = std::env::temp_dir().join(format!("clip4str-read-{}", std::process::id()));
     let nested = dir.join("nested");
     std::fs::create_dir_all(&nested).unwrap();
@@ -107,6 +107,9 @@ fn folder_with_a_corrupt_image_reports_it_and_goes_on() {
     }
     std::fs::write(dir.join("broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
     std::fs::write(dir.join("notes.txt"), b"ignored: not an image extension").unwrap();
+    // A link back up the tree: each real folder is read once, so the images are not read again (or forever).
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&dir, nested.join("loop")).unwrap();
     let ckpt = fixtures().join("tiny.ckpt");
     let out = clip4str(&[
         "read",

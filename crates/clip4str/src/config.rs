@@ -211,8 +211,97 @@ pub struct Clip4StrConfig {
 }
 
 /// The reference's head rule for CLIP (`width // 64`); `None` when it cannot apply (width not a multiple of 64).
-fn clip_heads(width: usize) -> Option<usize> {
+pub(crate) fn clip_heads(width: usize) -> Option<usize> {
     (width >= 64 && width.is_multiple_of(64)).then_some(width / 64)
+}
+
+/// `1 +` the largest block index `N` among names `{prefix}N.…`; 0 when there is none.
+pub(crate) fn count_blocks<'a>(names: impl IntoIterator<Item = &'a str>, prefix: &str) -> usize {
+    names
+        .into_iter()
+        .filter_map(|n| {
+            n.strip_prefix(prefix)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |m| m + 1)
+}
+
+/// What CLIP's tensor shapes (`clip_model.*` names) say about its size; head counts are not among them. Shared
+/// by checkpoint loading ([`Clip4StrConfig::from_tensors_with`]) and training from CLIP weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ClipShapes {
+    /// ViT width (`conv1` output channels).
+    pub vision_width: usize,
+    /// ViT blocks.
+    pub vision_layers: usize,
+    /// Patch `[height, width]`.
+    pub patch_size: [usize; 2],
+    /// Rows of the visual positional table (class token + patches).
+    pub vision_rows: usize,
+    /// Text transformer width.
+    pub text_width: usize,
+    /// Text transformer blocks.
+    pub text_layers: usize,
+    /// Output width of both projections.
+    pub embed_dim: usize,
+    /// BPE vocabulary size.
+    pub vocab_size: usize,
+    /// Rows of the text positional table.
+    pub text_rows: usize,
+}
+
+impl ClipShapes {
+    /// Reads the shapes from `(name, shape)` pairs; a missing tensor, a tensor with too few dimensions, no
+    /// blocks, or a positional table without patches is an error naming it.
+    pub(crate) fn read<'a>(
+        shapes: impl IntoIterator<Item = (&'a str, &'a [usize])> + Clone,
+    ) -> Result<Self, ConfigError> {
+        let dim = |name: &str, i: usize| -> Result<usize, ConfigError> {
+            let (_, s) = shapes
+                .clone()
+                .into_iter()
+                .find(|(n, _)| *n == name)
+                .ok_or_else(|| ConfigError::MissingTensor { name: name.into() })?;
+            s.get(i).copied().ok_or_else(|| ConfigError::TooFewDims {
+                name: name.into(),
+                shape: s.to_vec(),
+                needed: i + 1,
+            })
+        };
+        let blocks =
+            |prefix: &str| count_blocks(shapes.clone().into_iter().map(|(n, _)| n), prefix);
+        let conv = "clip_model.visual.conv1.weight";
+        let dims = Self {
+            vision_width: dim(conv, 0)?,
+            patch_size: [dim(conv, 2)?, dim(conv, 3)?],
+            vision_rows: dim("clip_model.visual.positional_embedding", 0)?,
+            vision_layers: blocks("clip_model.visual.transformer.resblocks."),
+            text_width: dim("clip_model.ln_final.weight", 0)?,
+            text_layers: blocks("clip_model.transformer.resblocks."),
+            embed_dim: dim("clip_model.text_projection", 1)?,
+            vocab_size: dim("clip_model.token_embedding.weight", 0)?,
+            text_rows: dim("clip_model.positional_embedding", 0)?,
+        };
+        if dims.vision_layers == 0 || dims.text_layers == 0 {
+            return Err(ConfigError::NoBlocks);
+        }
+        if dims.vision_rows < 2 {
+            return Err(ConfigError::NoPatches {
+                rows: dims.vision_rows,
+            });
+        }
+        Ok(dims)
+    }
+
+    /// The input size of a square patch grid, the only kind the positional table alone can describe.
+    pub(crate) fn square_image_size(&self) -> Result<[usize; 2], ConfigError> {
+        let [ph, pw] = self.patch_size;
+        square_size(self.vision_rows - 1, ph, pw)
+    }
 }
 
 impl Clip4StrConfig {
@@ -367,54 +456,29 @@ impl Clip4StrConfig {
         hparams: Option<&serde_json::Value>,
         config_override: Option<&serde_json::Value>,
     ) -> Result<Self, ConfigError> {
-        let shape = |name: &str| -> Result<&Vec<usize>, ConfigError> {
-            shapes
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, s)| s)
-                .ok_or_else(|| ConfigError::MissingTensor { name: name.into() })
-        };
+        let pairs = shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice()));
         let dim = |name: &str, i: usize| -> Result<usize, ConfigError> {
-            let s = shape(name)?;
+            let (_, s) = pairs
+                .clone()
+                .find(|(n, _)| *n == name)
+                .ok_or_else(|| ConfigError::MissingTensor { name: name.into() })?;
             s.get(i).copied().ok_or_else(|| ConfigError::TooFewDims {
                 name: name.into(),
-                shape: s.clone(),
+                shape: s.to_vec(),
                 needed: i + 1,
             })
         };
-        let count_blocks = |prefix: &str| -> usize {
-            let mut max = None;
-            for (n, _) in shapes {
-                if let Some(rest) = n.strip_prefix(prefix) {
-                    if let Some(idx) = rest.split('.').next().and_then(|s| s.parse::<usize>().ok())
-                    {
-                        max = Some(max.map_or(idx, |m: usize| m.max(idx)));
-                    }
-                }
-            }
-            max.map_or(0, |m| m + 1)
-        };
-
-        let vw = dim("clip_model.visual.conv1.weight", 0)?;
-        let ph = dim("clip_model.visual.conv1.weight", 2)?;
-        let pw = dim("clip_model.visual.conv1.weight", 3)?;
-        let pos_rows = dim("clip_model.visual.positional_embedding", 0)?;
-        let vl = count_blocks("clip_model.visual.transformer.resblocks.");
-        let tw = dim("clip_model.ln_final.weight", 0)?;
-        let tl = count_blocks("clip_model.transformer.resblocks.");
-        let embed_dim = dim("clip_model.text_projection", 1)?;
-        let vocab = dim("clip_model.token_embedding.weight", 0)?;
-        let text_pos = dim("clip_model.positional_embedding", 0)?;
+        let clip = ClipShapes::read(pairs.clone())?;
+        let (vw, [ph, pw], pos_rows) = (clip.vision_width, clip.patch_size, clip.vision_rows);
+        let (vl, tw, tl) = (clip.vision_layers, clip.text_width, clip.text_layers);
+        let (embed_dim, vocab, text_pos) = (clip.embed_dim, clip.vocab_size, clip.text_rows);
         let dec_dim = dim("visual_decoder.head.weight", 1)?;
         let num_classes = dim("visual_decoder.head.weight", 0)?;
         let num_queries = dim("visual_decoder.pos_queries", 1)?;
         let mlp_hidden = dim("visual_decoder.layers.0.linear1.weight", 0)?;
-        let depth = count_blocks("visual_decoder.layers.");
-        if vl == 0 || tl == 0 || depth == 0 {
+        let depth = count_blocks(pairs.clone().map(|(n, _)| n), "visual_decoder.layers.");
+        if depth == 0 {
             return Err(ConfigError::NoBlocks);
-        }
-        if pos_rows < 2 {
-            return Err(ConfigError::NoPatches { rows: pos_rows });
         }
 
         let hp = |key: &str| hparams.and_then(|h| h.get(key));
@@ -430,10 +494,10 @@ impl Clip4StrConfig {
                 if ph > 0 && pw > 0 && (h / ph) * (w / pw) == patches {
                     [h, w]
                 } else {
-                    square_size(patches, ph, pw)?
+                    clip.square_image_size()?
                 }
             }
-            _ => square_size(patches, ph, pw)?,
+            _ => clip.square_image_size()?,
         };
 
         let clip_arch = hp("clip_arch");

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use clip4str::data::walk::{walk, Found, WalkError};
 use clip4str::preprocess::decode_rgb;
 use clip4str::recognizer::{Prediction, RecognizerOptions};
 use indicatif::ProgressBar;
@@ -59,30 +60,21 @@ fn is_image(path: &Path) -> bool {
         .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
-/// Files given directly are kept whatever their name; folders contribute their image files, sorted.
+/// Files given directly are kept whatever their name; folders contribute their image files, sorted (each real
+/// folder once, so a symlink loop ends).
 fn collect_inputs(inputs: &[PathBuf], errors: &mut Vec<(PathBuf, String)>) -> Vec<PathBuf> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>, errors: &mut Vec<(PathBuf, String)>) {
-        let entries = match std::fs::read_dir(dir) {
-            Ok(e) => e,
-            Err(e) => {
-                errors.push((dir.to_path_buf(), format!("cannot list folder: {e}")));
-                return;
-            }
-        };
-        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        paths.sort();
-        for p in paths {
-            if p.is_dir() {
-                walk(&p, out, errors);
-            } else if is_image(&p) {
-                out.push(p);
-            }
-        }
-    }
     let mut out = Vec::new();
     for input in inputs {
         if input.is_dir() {
-            walk(input, &mut out, errors);
+            for item in walk(input) {
+                match item {
+                    Ok(Found::File(path)) if is_image(&path) => out.push(path),
+                    Ok(_) => {}
+                    Err(WalkError { path, error }) => {
+                        errors.push((path, format!("cannot list folder: {error}")));
+                    }
+                }
+            }
         } else if input.exists() {
             out.push(input.clone());
         } else {

@@ -21,7 +21,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::augment::RandAugment;
-use super::{default_name, open_dataset_as, DataError, Dataset, LABELS_FILE, LMDB_DATA_FILE};
+use super::{default_name, open_dataset_as, DataError, Dataset};
 use crate::charset::{CharsetAdapter, CHARSET_94};
 use crate::preprocess::{decode_rgb, resize_bicubic, ImageError, Normalization};
 
@@ -121,37 +121,7 @@ pub fn discover_train_datasets(
     if root.is_file() {
         return Ok(vec![(default_name(root), root.to_owned())]);
     }
-    let mut found = Vec::new();
-    let mut visited = HashSet::new();
-    let mut stack = vec![root.to_owned()];
-    while let Some(dir) = stack.pop() {
-        // Symlinked folders are followed (as Python's glob does), but each real folder only once.
-        let real = dir.canonicalize().map_err(DataError::io(&dir))?;
-        if !visited.insert(real) {
-            continue;
-        }
-        if dir.join(LMDB_DATA_FILE).is_file() || dir.join(LABELS_FILE).is_file() {
-            let relative = dir.strip_prefix(root).unwrap_or(&dir);
-            let name = if relative.as_os_str().is_empty() {
-                default_name(&dir)
-            } else {
-                relative
-                    .components()
-                    .map(|c| c.as_os_str().to_string_lossy())
-                    .collect::<Vec<_>>()
-                    .join("/")
-            };
-            found.push((name, dir.clone()));
-        }
-        for entry in std::fs::read_dir(&dir).map_err(DataError::io(&dir))? {
-            let path = entry.map_err(DataError::io(&dir))?.path();
-            if path.is_dir() {
-                stack.push(path);
-            }
-        }
-    }
-    found.sort();
-    Ok(found)
+    super::find_datasets(root)
 }
 
 /// The concatenated, filtered samples of all datasets: `(dataset, record)` per sample and its label.
@@ -702,7 +672,7 @@ mod tests {
     use super::*;
     use crate::charset::CHARSET_36;
     use crate::data::test_util::TempDir;
-    use crate::data::LmdbWriter;
+    use crate::data::{LmdbWriter, LABELS_FILE};
     use crate::preprocess::to_chw;
 
     const SIZE: [usize; 2] = [8, 16];

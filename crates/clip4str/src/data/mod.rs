@@ -11,6 +11,7 @@ pub mod loader;
 pub mod stats;
 #[cfg(feature = "train")]
 pub mod synth;
+pub mod walk;
 
 use std::path::{Path, PathBuf};
 
@@ -363,18 +364,21 @@ pub(crate) fn default_name(path: &Path) -> String {
 pub fn discover_datasets(root: impl AsRef<Path>) -> Result<Vec<(String, PathBuf)>, DataError> {
     let root = root.as_ref();
     let test = root.join("test");
-    let base = if test.is_dir() { test } else { root.to_owned() };
+    find_datasets(if test.is_dir() { &test } else { root })
+}
+
+/// Every folder below `base` holding `data.mdb` or `labels.tsv`, named by its path relative to `base` with `/`
+/// separators (`base`'s own name when it is one), sorted by name; an unreadable folder is an error.
+pub(crate) fn find_datasets(base: &Path) -> Result<Vec<(String, PathBuf)>, DataError> {
     let mut found = Vec::new();
-    let mut visited = std::collections::HashSet::new();
-    let mut stack = vec![base.clone()];
-    while let Some(dir) = stack.pop() {
-        // Symlinked folders are followed (as Python's glob does), but each real folder only once.
-        let real = dir.canonicalize().map_err(DataError::io(&dir))?;
-        if !visited.insert(real) {
-            continue;
-        }
+    for item in walk::walk(base) {
+        let dir = match item {
+            Ok(walk::Found::Folder(dir)) => dir,
+            Ok(walk::Found::File(_)) => continue,
+            Err(walk::WalkError { path, error }) => return Err(DataError::Io { path, error }),
+        };
         if dir.join(LMDB_DATA_FILE).is_file() || dir.join(LABELS_FILE).is_file() {
-            let relative = dir.strip_prefix(&base).unwrap_or(&dir);
+            let relative = dir.strip_prefix(base).unwrap_or(&dir);
             let name = if relative.as_os_str().is_empty() {
                 default_name(&dir)
             } else {
@@ -384,15 +388,7 @@ pub fn discover_datasets(root: impl AsRef<Path>) -> Result<Vec<(String, PathBuf)
                     .collect::<Vec<_>>()
                     .join("/")
             };
-            found.push((name, dir.clone()));
-        }
-        let entries = std::fs::read_dir(&dir).map_err(DataError::io(&dir))?;
-        for entry in entries {
-            let entry = entry.map_err(DataError::io(&dir))?;
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            }
+            found.push((name, dir));
         }
     }
     found.sort();

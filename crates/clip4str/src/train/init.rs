@@ -19,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use crate::checkpoint::{check_tensors, read_checkpoint, LoadError, RawCheckpoint};
-use crate::config::{Clip4StrConfig, VisionConfig};
+use crate::config::{clip_heads, Clip4StrConfig, ClipShapes, VisionConfig};
 use crate::model::Clip4Str;
 
 /// State-dict prefix of the CLIP backbone inside CLIP4STR.
@@ -143,67 +143,14 @@ pub fn config_from_clip(
     tensors: &[(String, Tensor)],
     base: &Clip4StrConfig,
 ) -> Result<Clip4StrConfig, InitError> {
-    let shape = |name: &str| -> Result<&[usize], InitError> {
-        let full = format!("{CLIP_PREFIX}{name}");
-        tensors
-            .iter()
-            .find(|(n, _)| *n == full)
-            .map(|(_, t)| t.dims())
-            .ok_or_else(|| {
-                InitError::Config(format!(
-                    "tensor {full} is missing, cannot infer the CLIP size"
-                ))
-            })
-    };
-    let dims = |name: &str, rank: usize| -> Result<Vec<usize>, InitError> {
-        let s = shape(name)?;
-        if s.len() != rank {
-            return Err(InitError::Config(format!(
-                "tensor {CLIP_PREFIX}{name} has shape {s:?}, expected {rank} dimensions"
-            )));
-        }
-        Ok(s.to_vec())
-    };
-    let count_blocks = |prefix: &str| -> usize {
-        let prefix = format!("{CLIP_PREFIX}{prefix}");
-        tensors
-            .iter()
-            .filter_map(|(n, _)| {
-                n.strip_prefix(&prefix)?
-                    .split('.')
-                    .next()?
-                    .parse::<usize>()
-                    .ok()
-            })
-            .max()
-            .map_or(0, |m| m + 1)
-    };
-
-    let conv = dims("visual.conv1.weight", 4)?;
-    let (vw, ph, pw) = (conv[0], conv[2], conv[3]);
-    let vis_rows = dims("visual.positional_embedding", 2)?[0];
-    let vl = count_blocks("visual.transformer.resblocks.");
-    let tw = dims("ln_final.weight", 1)?[0];
-    let tl = count_blocks("transformer.resblocks.");
-    let embed_dim = dims("text_projection", 2)?[1];
-    let vocab = dims("token_embedding.weight", 2)?[0];
-    let text_rows = dims("positional_embedding", 2)?[0];
-    if vl == 0 || tl == 0 {
-        return Err(InitError::Config(
-            "no transformer blocks found in the CLIP weights".into(),
-        ));
-    }
-    let patches = vis_rows.saturating_sub(1);
-    let grid = (patches as f64).sqrt().round() as usize;
-    if patches == 0 || grid * grid != patches {
-        return Err(InitError::Config(format!(
-            "{CLIP_PREFIX}visual.positional_embedding has {vis_rows} rows: not a class token plus a \
-             square patch grid"
-        )));
-    }
+    let clip = ClipShapes::read(tensors.iter().map(|(n, t)| (n.as_str(), t.dims())))
+        .map_err(InitError::Invalid)?;
+    let (vw, [ph, pw]) = (clip.vision_width, clip.patch_size);
+    let (tw, embed_dim) = (clip.text_width, clip.embed_dim);
+    let image_size = clip.square_image_size().map_err(InitError::Invalid)?;
     let heads = |what: &str, width: usize, fallback: usize| -> Result<usize, InitError> {
-        if width >= 64 && width.is_multiple_of(64) {
-            Ok(width / 64)
+        if let Some(heads) = clip_heads(width) {
+            Ok(heads)
         } else if fallback > 0 && width.is_multiple_of(fallback) {
             Ok(fallback)
         } else {
@@ -221,14 +168,14 @@ pub fn config_from_clip(
 
     let mut cfg = base.clone();
     cfg.vision.width = vw;
-    cfg.vision.layers = vl;
+    cfg.vision.layers = clip.vision_layers;
     cfg.vision.heads = heads("vision", vw, base.vision.heads)?;
     cfg.vision.patch_size = [ph, pw];
-    cfg.vision.image_size = [grid * ph, grid * pw];
-    cfg.text.vocab_size = vocab;
-    cfg.text.positional_rows = text_rows;
+    cfg.vision.image_size = image_size;
+    cfg.text.vocab_size = clip.vocab_size;
+    cfg.text.positional_rows = clip.text_rows;
     cfg.text.width = tw;
-    cfg.text.layers = tl;
+    cfg.text.layers = clip.text_layers;
     cfg.text.heads = heads("text", tw, base.text.heads)?;
     cfg.embed_dim = embed_dim;
     cfg.decoder.dim = embed_dim;

@@ -90,32 +90,21 @@ pub fn default_font_dirs() -> Vec<PathBuf> {
 /// skipped), each real file once, sorted by path so that font indices are reproducible.
 pub fn discover_fonts(dirs: &[PathBuf]) -> Vec<PathBuf> {
     let mut found = Vec::new();
-    let mut seen_dirs = HashSet::new();
     let mut seen_files = HashSet::new();
-    let mut stack: Vec<PathBuf> = dirs.iter().rev().cloned().collect();
-    while let Some(dir) = stack.pop() {
-        if dir.is_file() {
-            if is_font_file(&dir) && seen_files.insert(dir.canonicalize().unwrap_or(dir.clone())) {
-                found.push(dir);
-            }
-            continue;
-        }
-        let Ok(real) = dir.canonicalize() else {
-            continue;
+    for root in dirs {
+        let files: Vec<PathBuf> = if root.is_file() {
+            vec![root.clone()]
+        } else {
+            crate::data::walk::walk(root)
+                .into_iter()
+                .filter_map(|item| match item {
+                    Ok(crate::data::walk::Found::File(path)) => Some(path),
+                    _ => None,
+                })
+                .collect()
         };
-        if !seen_dirs.insert(real) {
-            continue;
-        }
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        let mut children: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-        children.sort();
-        for path in children.into_iter().rev() {
-            if path.is_dir() {
-                stack.push(path);
-            } else if is_font_file(&path)
-                && seen_files.insert(path.canonicalize().unwrap_or(path.clone()))
+        for path in files {
+            if is_font_file(&path) && seen_files.insert(path.canonicalize().unwrap_or(path.clone()))
             {
                 found.push(path);
             }
