@@ -6,6 +6,7 @@
 //! difference can flip a character. JPEG goes through [`jpeg`], a decoder that reproduces
 //! libjpeg-turbo (Pillow's JPEG library); other formats go through the `image` crate.
 
+pub(crate) mod geometry;
 mod jpeg;
 
 use std::io::Cursor;
@@ -442,42 +443,7 @@ pub fn rotate_expand(img: &RgbImage, degrees: f32) -> RgbImage {
         return RgbImage::from_fn(h, w, |x, y| *img.get_pixel(y, h - 1 - x));
     }
 
-    // Inverse affine matrix (output -> input), computed in Image.rotate's operation order.
-    let (wf, hf) = (f64::from(w), f64::from(h));
-    let center = (wf / 2.0, hf / 2.0);
-    let radians = -(angle * (std::f64::consts::PI / 180.0));
-    let mut m = [
-        round_15(radians.cos()),
-        round_15(radians.sin()),
-        0.0,
-        round_15(-radians.sin()),
-        round_15(radians.cos()),
-        0.0,
-    ];
-    let apply =
-        |m: &[f64; 6], x: f64, y: f64| (m[0] * x + m[1] * y + m[2], m[3] * x + m[4] * y + m[5]);
-    let (tx, ty) = apply(&m, -center.0, -center.1);
-    m[2] = tx + center.0;
-    m[5] = ty + center.1;
-    let corners = [(0.0, 0.0), (wf, 0.0), (wf, hf), (0.0, hf)].map(|(x, y)| apply(&m, x, y));
-    let fold = |f: fn(f64, f64) -> f64, init: f64, pick: fn(&(f64, f64)) -> f64| {
-        corners.iter().map(pick).fold(init, f)
-    };
-    let max_x = fold(f64::max, f64::NEG_INFINITY, |c| c.0);
-    let min_x = fold(f64::min, f64::INFINITY, |c| c.0);
-    let max_y = fold(f64::max, f64::NEG_INFINITY, |c| c.1);
-    let min_y = fold(f64::min, f64::INFINITY, |c| c.1);
-    let new_w = max_x.ceil() as i64 - min_x.floor() as i64;
-    let new_h = max_y.ceil() as i64 - min_y.floor() as i64;
-    let (tx, ty) = apply(
-        &m,
-        -((new_w - i64::from(w)) as f64) / 2.0,
-        -((new_h - i64::from(h)) as f64) / 2.0,
-    );
-    m[2] = tx;
-    m[5] = ty;
-    let to_u32 = |v: i64| v.clamp(0, i64::from(u32::MAX)) as u32;
-    let (out_w, out_h) = (to_u32(new_w), to_u32(new_h));
+    let (m, out_w, out_h) = geometry::rotate_expand_matrix(w, h, angle);
     let mut out = RgbImage::new(out_w, out_h);
     if m[1] == 0.0 && m[3] == 0.0 {
         affine_scale_nearest(img, &mut out, &m);
@@ -494,11 +460,6 @@ pub fn rotate_expand(img: &RgbImage, degrees: f32) -> RgbImage {
         }
     }
     out
-}
-
-/// Python's `round(x, 15)`: correctly rounded to 15 decimals, then back to the nearest double.
-fn round_15(x: f64) -> f64 {
-    format!("{x:.15}").parse().unwrap_or(x)
 }
 
 /// Pillow's `COORD`: truncate toward zero, with every negative value mapping to -1.

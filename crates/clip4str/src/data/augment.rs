@@ -10,6 +10,8 @@ use image::{Rgb, RgbImage};
 use rand::Rng;
 use rand_distr::{Distribution, Poisson};
 
+use crate::preprocess::geometry::rotate_expand_matrix;
+
 /// Grey fill of the geometric ops where the source image does not reach (timm's `fillcolor=(128, 128, 128)`).
 pub const FILL: Rgb<u8> = Rgb([128, 128, 128]);
 
@@ -564,42 +566,14 @@ fn sample_bicubic(src: &[u8], w: usize, h: usize, xin: f64, yin: f64) -> [u8; 3]
     })
 }
 
-/// Python's `round(x, 15)` (what `Image.rotate` applies to its cosines and sines).
-fn round_15(x: f64) -> f64 {
-    format!("{x:.15}").parse().unwrap_or(x)
-}
-
 /// Pillow `img.rotate(degrees, resample, expand=True, fillcolor=fill)`: counter-clockwise about the centre,
 /// the canvas grown to `ceil(max) - floor(min)` of the rotated corners, the image centred in it.
 pub fn rotate_expand(img: &RgbImage, degrees: f64, resample: Resample, fill: Rgb<u8>) -> RgbImage {
     if !degrees.is_finite() {
         return img.clone();
     }
-    let (w, h) = (f64::from(img.width()), f64::from(img.height()));
-    let radians = -degrees.to_radians();
-    let (cos, sin) = (round_15(radians.cos()), round_15(radians.sin()));
-    let mut m = [cos, sin, 0.0, -sin, cos, 0.0];
-    let apply =
-        |m: &[f64; 6], x: f64, y: f64| (m[0] * x + m[1] * y + m[2], m[3] * x + m[4] * y + m[5]);
-    let (cx, cy) = (w / 2.0, h / 2.0);
-    let (tx, ty) = apply(&m, -cx, -cy);
-    m[2] = tx + cx;
-    m[5] = ty + cy;
-    let corners = [(0.0, 0.0), (w, 0.0), (w, h), (0.0, h)].map(|(x, y)| apply(&m, x, y));
-    let (mut min_x, mut max_x, mut min_y, mut max_y) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for (x, y) in corners {
-        min_x = min_x.min(x);
-        max_x = max_x.max(x);
-        min_y = min_y.min(y);
-        max_y = max_y.max(y);
-    }
-    let new_w = max_x.ceil() - min_x.floor();
-    let new_h = max_y.ceil() - min_y.floor();
-    let (tx, ty) = apply(&m, -(new_w - w) / 2.0, -(new_h - h) / 2.0);
-    m[2] = tx;
-    m[5] = ty;
-    let to_u32 = |v: f64| v.clamp(0.0, f64::from(u32::MAX)) as u32;
-    affine_transform(img, to_u32(new_w), to_u32(new_h), m, resample, fill)
+    let (m, new_w, new_h) = rotate_expand_matrix(img.width(), img.height(), degrees);
+    affine_transform(img, new_w, new_h, m, resample, fill)
 }
 
 /// `ImageFilter.GaussianBlur(radius)`; Pillow's radius is the standard deviation. Implemented as a true
