@@ -1,14 +1,9 @@
 //! End-to-end test of `clip4str bench` on random tiny weights: the report is complete and consistent.
 //! (Speed itself is measured by running the command, not asserted here.)
 
-use std::process::Command;
+mod common;
 
-fn clip4str(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_clip4str"))
-        .args(args)
-        .output()
-        .expect("run clip4str")
-}
+use common::clip4str;
 
 #[test]
 fn json_report_has_every_stage() {

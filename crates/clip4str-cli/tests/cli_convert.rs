@@ -2,26 +2,14 @@
 //! the original. `average`: the mean of one model's files loads alone and reads like the model; files of different
 //! models, bad weights and taken outputs are refused with the file named.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use std::path::Path;
 
-fn clip4str(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_clip4str"))
-        .args(args)
-        .output()
-        .expect("run clip4str")
-}
+use common::{clip4str, fixtures, root, stderr};
 
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// `read --format json` over the committed synthetic images with `checkpoint`.
@@ -199,8 +187,7 @@ fn different_models_are_refused_and_named() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let out_path = tmp.path().join("soup.safetensors");
     let tiny = fixtures().join("tiny.ckpt");
-    let bundled = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../models/default/clip4str-small.safetensors");
+    let bundled = root().join("models/default/clip4str-small.safetensors");
     let out = clip4str(&[
         "average",
         path_str(&tiny),

@@ -1,10 +1,12 @@
 //! End-to-end tests of `clip4str data create` and `clip4str data show` on images written by the test: skipped
 //! records and exit codes, the LMDB read back byte for byte, the printed summary, the contact sheet, errors.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use std::path::Path;
 
 use clip4str::data::{open_dataset, LmdbWriter};
+use common::{clip4str_in, fixtures, stderr, stdout, temp_dir};
 use image::{ImageFormat, Rgb, RgbImage};
 
 /// Pixel size of a contact sheet of `count` tiles: 4 columns of 192x64 image boxes over 24-pixel captions,
@@ -13,29 +15,6 @@ fn sheet_size(count: u32) -> (u32, u32) {
     let columns = count.min(4);
     let rows = count.div_ceil(4);
     (8 + columns * (192 + 8), 8 + rows * (64 + 24 + 8))
-}
-
-fn clip4str_in(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_clip4str"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run clip4str")
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("clip4str-cli-data-{}-{name}", std::process::id()));
-    std::fs::remove_dir_all(&dir).ok();
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 fn encode(image: &RgbImage, format: ImageFormat) -> Vec<u8> {
@@ -52,11 +31,8 @@ fn write_folder(dir: &Path) -> Vec<(&'static str, &'static str, Vec<u8>)> {
         &RgbImage::from_pixel(40, 20, Rgb([200, 30, 30])),
         ImageFormat::Png,
     );
-    let text = std::fs::read(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/images/synth_text_L_140x40.png"),
-    )
-    .expect("fixture image");
+    let text =
+        std::fs::read(fixtures().join("images/synth_text_L_140x40.png")).expect("fixture image");
     let gradient = RgbImage::from_fn(64, 32, |x, y| Rgb([(x * 4) as u8, (y * 8) as u8, 128]));
     let jpeg = encode(&gradient, ImageFormat::Jpeg);
     let good = vec![

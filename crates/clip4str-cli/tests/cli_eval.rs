@@ -1,15 +1,13 @@
 //! End-to-end tests of `clip4str eval`: an LMDB written here, a labels.tsv folder, the shared lmdb_tiny; and of
 //! `clip4str compare` on its dumps.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use clip4str::charset::{CharsetAdapter, CHARSET_36};
 use clip4str::data::LmdbWriter;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use common::{clip4str, fixtures, temp_dir};
 
 fn shared_fixtures() -> Option<PathBuf> {
     let p = std::env::var_os("CLIP4STR_SHARED")
@@ -25,20 +23,6 @@ fn shared_fixtures() -> Option<PathBuf> {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
         });
     p.join("lmdb_tiny").is_dir().then_some(p)
-}
-
-fn clip4str(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_clip4str"))
-        .args(args)
-        .output()
-        .expect("run clip4str")
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("clip4str-eval-{}-{name}", std::process::id()));
-    std::fs::remove_dir_all(&dir).ok();
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn synth_images() -> Vec<PathBuf> {

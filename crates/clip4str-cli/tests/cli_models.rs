@@ -2,21 +2,21 @@
 //! process (std `TcpListener`), with a temporary cache. The test-only variable `CLIP4STR_TEST_MODEL` registers
 //! `tinytest` as `test-org/clip4str-tiny:tiny.ckpt`, the tiny Lightning checkpoint of tests/fixtures.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
+use common::{fixtures, stderr, stdout};
+
 const REPO: &str = "test-org/clip4str-tiny";
 const FILE: &str = "tiny.ckpt";
 const NAME: &str = "tinytest";
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 const ETAG: &str = "5f3a0c6e1d2b4a7988e1f0c2d3b4a5968778695a4b3c2d1e0f1a2b3c4d5e6f70";
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 fn image() -> String {
     fixtures()
@@ -189,14 +189,6 @@ fn clip4str_env(cache: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
 
 fn clip4str(cache: &Path, args: &[&str]) -> Output {
     clip4str_env(cache, &[], args)
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn repo_dir(cache: &Path) -> PathBuf {

@@ -1,22 +1,10 @@
 //! End-to-end tests of the `clip4str read` binary against the reference's strings for the tiny model.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn fixtures() -> PathBuf {
-    root().join("tests/fixtures")
-}
-
-fn clip4str(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_clip4str"))
-        .args(args)
-        .output()
-        .expect("run clip4str")
-}
+use common::{clip4str, fixtures, root};
 
 fn infer_json() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny_infer.json")).unwrap())

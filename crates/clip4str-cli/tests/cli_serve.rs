@@ -1,6 +1,7 @@
 //! End-to-end tests of `clip4str serve`: the real binary on a free port, with the bundled model or the tiny
 //! test checkpoint. Each test starts its own server so that its limits can be set for the case at hand.
 
+mod common;
 mod serve_support;
 
 use std::path::PathBuf;

@@ -1,37 +1,17 @@
 //! End-to-end tests of `clip4str synth` on the committed fixture font: LMDB output read back with
 //! `open_dataset`, thread-count independence, fixed size and JPEG, preview folders, errors.
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::{Command, Output};
 
 use clip4str::charset::CHARSET_94;
 use clip4str::data::open_dataset;
 use clip4str::preprocess::decode_rgb;
+use common::{clip4str, fixtures, stderr, temp_dir};
 
 fn fonts() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/fonts")
-        .display()
-        .to_string()
-}
-
-fn clip4str(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_clip4str"))
-        .args(args)
-        .output()
-        .expect("run clip4str")
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("clip4str-cli-synth-{}-{name}", std::process::id()));
-    std::fs::remove_dir_all(&dir).ok();
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
+    fixtures().join("fonts").display().to_string()
 }
 
 /// Every record of a dataset as (label, image bytes).

@@ -4,6 +4,7 @@
 //! screenshot is saved under the cargo target dir. Skipped, with a message, when no Chromium is installed
 //! (`apt-get install chromium`; or point `CHROMIUM` at a Chrome/Chromium binary).
 
+mod common;
 mod serve_support;
 
 use std::net::TcpStream;

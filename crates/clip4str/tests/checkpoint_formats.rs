@@ -1,51 +1,16 @@
 //! Every checkpoint format reads to the same tensors; damaged and foreign files give clear errors.
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 use clip4str::checkpoint::{
     average_checkpoints, check_tensors, read_checkpoint, save_safetensors, tensor_problems,
     CheckpointFormat, LoadError, RawCheckpoint, WeightedAverage, HYPER_PARAMETERS_METADATA_KEY,
 };
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
-
-/// A fresh, unique path in the system temp dir (removed by [`TempFile`]'s drop).
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("clip4str-ckpt-test-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempFile(dir.join(name))
-    }
-
-    fn with_bytes(name: &str, bytes: &[u8]) -> Self {
-        let f = Self::new(name);
-        std::fs::write(&f.0, bytes).expect("write temp file");
-        f
-    }
-
-    fn dir(&self) -> &Path {
-        self.0.parent().expect("temp file has a parent")
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(self.dir());
-    }
-}
+use common::{f32_bytes, fixture, write_archive, Pickler, TempFile};
 
 fn read(path: &Path) -> RawCheckpoint {
     read_checkpoint(path).unwrap_or_else(|e| panic!("{e}"))
@@ -427,81 +392,7 @@ fn var_builder_serves_tensors() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Synthetic torch.save archives, built opcode by opcode, for layouts the fixtures do not cover.
-
-/// Minimal pickle writer (protocol 2) for test archives.
-#[derive(Default)]
-struct Pickler(Vec<u8>);
-
-impl Pickler {
-    fn op(&mut self, bytes: &[u8]) -> &mut Self {
-        self.0.extend_from_slice(bytes);
-        self
-    }
-    fn str(&mut self, s: &str) -> &mut Self {
-        self.0.push(b'X');
-        self.0.extend_from_slice(&(s.len() as u32).to_le_bytes());
-        self.op(s.as_bytes())
-    }
-    fn int(&mut self, i: i32) -> &mut Self {
-        self.0.push(b'J');
-        self.op(&i.to_le_bytes())
-    }
-    fn global(&mut self, module: &str, name: &str) -> &mut Self {
-        self.op(format!("c{module}\n{name}\n").as_bytes())
-    }
-    fn ints(&mut self, v: &[usize]) -> &mut Self {
-        self.op(b"(");
-        for &i in v {
-            self.int(i as i32);
-        }
-        self.op(b"t")
-    }
-    /// `_rebuild_tensor_v2(storage, offset, shape, stride, False, OrderedDict())`
-    fn tensor(
-        &mut self,
-        storage: &str,
-        key: &str,
-        numel: usize,
-        offset: usize,
-        shape: &[usize],
-        stride: &[usize],
-    ) -> &mut Self {
-        self.global("torch._utils", "_rebuild_tensor_v2").op(b"((");
-        self.str("storage")
-            .global("torch", storage)
-            .str(key)
-            .str("cpu");
-        self.int(numel as i32).op(b"tQ");
-        self.int(offset as i32).ints(shape).ints(stride);
-        self.op(b"\x89")
-            .global("collections", "OrderedDict")
-            .op(b")Rt")
-            .op(b"R")
-    }
-    fn finish(&mut self) -> Vec<u8> {
-        self.op(b".");
-        std::mem::take(&mut self.0)
-    }
-}
-
-fn write_archive(name: &str, entries: &[(&str, Vec<u8>)]) -> TempFile {
-    let f = TempFile::new(name);
-    let file = std::fs::File::create(&f.0).expect("create");
-    let mut zip = zip::ZipWriter::new(file);
-    let options =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    for (entry, bytes) in entries {
-        zip.start_file(*entry, options).expect("start entry");
-        zip.write_all(bytes).expect("write entry");
-    }
-    zip.finish().expect("finish zip");
-    f
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
+// Synthetic torch.save archives, built opcode by opcode (common::Pickler), for layouts the fixtures do not cover.
 
 #[test]
 fn nested_model_key_with_module_prefix_f16_and_strides() {

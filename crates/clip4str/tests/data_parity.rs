@@ -3,32 +3,13 @@
 //! True, True)` exposed, for the training (94) and test (36) charsets; a `labels.tsv` folder written here must
 //! filter the same labels the same way.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use clip4str::charset::{CharsetAdapter, CHARSET_36, CHARSET_94};
 use clip4str::data::{open_dataset, Dataset, LmdbWriter};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-/// The shared fixtures folder (`CLIP4STR_SHARED`, or `../shared` next to the repository): the LMDB holds
-/// third-party photos, so it is not in the repository.
-fn shared_fixtures() -> Option<PathBuf> {
-    let p = std::env::var_os("CLIP4STR_SHARED")
-        .map(PathBuf::from)
-        .map(|p| {
-            if p.join("fixtures").is_dir() {
-                p.join("fixtures")
-            } else {
-                p
-            }
-        })
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
-        });
-    p.join("lmdb_tiny/data.mdb").is_file().then_some(p)
-}
+use common::fixtures;
 
 fn reference() -> serde_json::Value {
     let text = std::fs::read_to_string(fixtures().join("lmdb_tiny.json")).expect("lmdb_tiny.json");
@@ -88,7 +69,7 @@ fn check_case(dataset: &dyn Dataset, case: &serde_json::Value, check_images: boo
 
 #[test]
 fn lmdb_tiny_filtered_labels_match_reference() {
-    let Some(shared) = shared_fixtures() else {
+    let Some(shared) = common::shared_fixtures(|p| p.join("lmdb_tiny/data.mdb").is_file()) else {
         eprintln!("skipped: ../shared/fixtures/lmdb_tiny not found (third-party photos are not in the repo)");
         return;
     };

@@ -6,10 +6,9 @@
 //! same pickle opcodes and zip layout.
 #![cfg(feature = "train")]
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 use clip4str::checkpoint::{read_checkpoint, CheckpointFormat, LoadError};
@@ -18,122 +17,7 @@ use clip4str::model::Clip4Str;
 use clip4str::train::init::{
     clip_weights, config_from_clip, init_weights, initial_weights, InitError, InitSource,
 };
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
-
-/// A unique temporary directory holding one file, removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("clip4str-init-test-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempFile(dir.join(name))
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if let Some(dir) = self.0.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
-/// Emits pickle protocol 2 opcodes the way `torch.save` and TorchScript's pickler do.
-#[derive(Default)]
-struct Pickler(Vec<u8>);
-
-impl Pickler {
-    fn op(&mut self, bytes: &[u8]) -> &mut Self {
-        self.0.extend_from_slice(bytes);
-        self
-    }
-    fn str(&mut self, s: &str) -> &mut Self {
-        self.0.push(b'X');
-        self.0.extend_from_slice(&(s.len() as u32).to_le_bytes());
-        self.op(s.as_bytes())
-    }
-    fn int(&mut self, i: i32) -> &mut Self {
-        self.0.push(b'J');
-        self.op(&i.to_le_bytes())
-    }
-    fn global(&mut self, module: &str, name: &str) -> &mut Self {
-        self.op(format!("c{module}\n{name}\n").as_bytes())
-    }
-    fn ints(&mut self, v: &[usize]) -> &mut Self {
-        self.op(b"(");
-        for &i in v {
-            self.int(i as i32);
-        }
-        self.op(b"t")
-    }
-    /// `_rebuild_tensor_v2(('storage', torch.<storage>, key, 'cpu', numel), offset, shape, stride,
-    /// requires_grad, OrderedDict())`
-    fn tensor(
-        &mut self,
-        storage: &str,
-        key: &str,
-        numel: usize,
-        offset: usize,
-        shape: &[usize],
-        stride: &[usize],
-    ) -> &mut Self {
-        self.global("torch._utils", "_rebuild_tensor_v2").op(b"((");
-        self.str("storage")
-            .global("torch", storage)
-            .str(key)
-            .str("cpu");
-        self.int(numel as i32).op(b"tQ");
-        self.int(offset as i32).ints(shape).ints(stride);
-        self.op(b"\x88")
-            .global("collections", "OrderedDict")
-            .op(b")Rt")
-            .op(b"R")
-    }
-    /// `NEWOBJ` of a TorchScript class, memoised as `memo`, then the start of its attribute dict.
-    fn module_start(&mut self, class: &str, memo: u8) -> &mut Self {
-        let (module, name) = class.rsplit_once('.').expect("qualified class");
-        self.global(module, name)
-            .op(b")\x81")
-            .op(&[b'q', memo])
-            .op(b"}(")
-    }
-    /// End of the attribute dict (`SETITEMS`) and `BUILD`.
-    fn module_end(&mut self) -> &mut Self {
-        self.op(b"ub")
-    }
-    fn finish(&mut self) -> Vec<u8> {
-        self.op(b".");
-        std::mem::take(&mut self.0)
-    }
-}
-
-fn write_archive(name: &str, entries: &[(String, Vec<u8>)]) -> TempFile {
-    let f = TempFile::new(name);
-    let file = std::fs::File::create(&f.0).expect("create");
-    let mut zip = zip::ZipWriter::new(file);
-    let options =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    for (entry, bytes) in entries {
-        zip.start_file(entry.as_str(), options)
-            .expect("start entry");
-        zip.write_all(bytes).expect("write entry");
-    }
-    zip.finish().expect("finish zip");
-    f
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
+use common::{f32_bytes, fixture, write_archive, Pickler, TempFile};
 
 fn values(t: &Tensor) -> Vec<f32> {
     t.flatten_all()
@@ -169,7 +53,7 @@ fn write_state_dict(
     prefix: &str,
     nest_under: Option<&str>,
 ) -> TempFile {
-    let mut p = Pickler::default();
+    let mut p = Pickler::requiring_grad();
     p.op(b"\x80\x02}(");
     if let Some(key) = nest_under {
         p.str("epoch").int(32).str(key).op(b"}(");
@@ -316,7 +200,7 @@ fn torchscript_archive_without_tensors_is_an_error() {
     assert!(matches!(clip_weights(&path), Err(LoadError::Empty { .. })));
 
     // The same from a module tree with submodules but no tensor anywhere.
-    let mut p = Pickler::default();
+    let mut p = Pickler::requiring_grad();
     p.op(b"\x80\x02")
         .module_start("__torch__.model.Multimodal", 0);
     p.str("training").op(b"\x89").str("visual");
@@ -330,17 +214,17 @@ fn torchscript_archive_without_tensors_is_an_error() {
     let archive = write_archive(
         "ViT-B-16.pt",
         &[
-            ("ViT-B-16/data.pkl".into(), p.finish()),
-            ("ViT-B-16/constants.pkl".into(), b"\x80\x02).".to_vec()),
-            ("ViT-B-16/code/__torch__/model.py".into(), b"".to_vec()),
-            ("ViT-B-16/version".into(), b"3\n".to_vec()),
+            ("ViT-B-16/data.pkl", p.finish()),
+            ("ViT-B-16/constants.pkl", b"\x80\x02).".to_vec()),
+            ("ViT-B-16/code/__torch__/model.py", b"".to_vec()),
+            ("ViT-B-16/version", b"3\n".to_vec()),
         ],
     );
     let err = read_checkpoint(&archive.0).unwrap_err();
     assert!(matches!(err, LoadError::Empty { .. }), "{err:?}");
 
     // Only a JIT-only buffer: readable, but no CLIP weight at all.
-    let mut p = Pickler::default();
+    let mut p = Pickler::requiring_grad();
     p.op(b"\x80\x02")
         .module_start("__torch__.model.Multimodal", 0)
         .str("input_resolution")
@@ -349,9 +233,9 @@ fn torchscript_archive_without_tensors_is_an_error() {
     let buffers_only = write_archive(
         "RN50.pt",
         &[
-            ("RN50/data.pkl".into(), p.finish()),
-            ("RN50/data/0".into(), 224i64.to_le_bytes().to_vec()),
-            ("RN50/constants.pkl".into(), b"\x80\x02).".to_vec()),
+            ("RN50/data.pkl", p.finish()),
+            ("RN50/data/0", 224i64.to_le_bytes().to_vec()),
+            ("RN50/constants.pkl", b"\x80\x02).".to_vec()),
         ],
     );
     assert_eq!(
@@ -383,7 +267,7 @@ fn torchscript_layout_written_here() {
     // Multimodal { training, visual: VisualTransformer { conv1: Conv2d { weight, bias: None },
     // proj (a transposed view), shared: <conv1 again, memoised> }, token_embedding: Embedding
     // { weight }, text_projection, logit_scale, input_resolution (int64), parent: <the root> }
-    let mut p = Pickler::default();
+    let mut p = Pickler::requiring_grad();
     p.op(b"\x80\x02").module_start(
         "__torch__.multimodal.model.multimodal_transformer.Multimodal",
         0,
@@ -435,21 +319,18 @@ fn torchscript_layout_written_here() {
     let archive = write_archive(
         "ViT-X.pt",
         &[
-            ("ViT-X/data.pkl".into(), p.finish()),
-            ("ViT-X/data/0".into(), half),
+            ("ViT-X/data.pkl", p.finish()),
+            ("ViT-X/data/0", half),
+            ("ViT-X/data/1", f32_bytes(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0])),
             (
-                "ViT-X/data/1".into(),
-                f32_bytes(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]),
-            ),
-            (
-                "ViT-X/data/2".into(),
+                "ViT-X/data/2",
                 f32_bytes(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]),
             ),
-            ("ViT-X/data/3".into(), f32_bytes(&[4.6052])),
-            ("ViT-X/data/4".into(), 224i64.to_le_bytes().to_vec()),
-            ("ViT-X/constants.pkl".into(), b"\x80\x02).".to_vec()),
-            ("ViT-X/code/__torch__/multimodal.py".into(), b"".to_vec()),
-            ("ViT-X/version".into(), b"3\n".to_vec()),
+            ("ViT-X/data/3", f32_bytes(&[4.6052])),
+            ("ViT-X/data/4", 224i64.to_le_bytes().to_vec()),
+            ("ViT-X/constants.pkl", b"\x80\x02).".to_vec()),
+            ("ViT-X/code/__torch__/multimodal.py", b"".to_vec()),
+            ("ViT-X/version", b"3\n".to_vec()),
         ],
     );
     let raw = read_checkpoint(&archive.0).unwrap_or_else(|e| panic!("{e}"));

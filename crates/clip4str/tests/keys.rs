@@ -1,15 +1,15 @@
 //! The model loads exactly the tensors of the released sizes (fixtures/KEYS-*.json).
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use clip4str::config::Clip4StrConfig;
 use clip4str::model::Clip4Str;
+use common::fixture;
 
 fn keys(variant: &str) -> serde_json::Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(format!("KEYS-{variant}.json"));
+    let path = fixture(&format!("KEYS-{variant}.json"));
     serde_json::from_str(&std::fs::read_to_string(path).expect("KEYS file")).expect("json")
 }
 

@@ -1,17 +1,15 @@
 //! Parity of every forward stage with the PyTorch reference on the tiny model (fixtures/tiny_infer.*).
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use clip4str::charset::CharsetAdapter;
 use clip4str::config::Clip4StrConfig;
 use clip4str::model::{Clip4Str, ForwardOptions, Trace};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use common::{fixtures, max_abs_diff};
 
 fn load_model(overrides: &[(&str, &Tensor)]) -> Clip4Str {
     let mut weights =
@@ -38,20 +36,6 @@ fn fixture() -> Fixture {
     )
     .expect("valid json");
     Fixture { tensors, json }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn ids(t: &Tensor) -> Vec<Vec<i64>> {

@@ -8,9 +8,12 @@
 //! the third-party demo photos (`../shared/fixtures` next to the repository, or
 //! `$CLIP4STR_SHARED`), which is skipped with a message when absent.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use clip4str::preprocess::{decode_rgb, resize_bicubic, to_chw, ImageError, Normalization};
+use common::fixtures;
 use image::RgbImage;
 use safetensors::{Dtype, SafeTensors};
 
@@ -26,11 +29,6 @@ fn shared_fixtures() -> Option<PathBuf> {
     candidates
         .into_iter()
         .find(|dir| dir.join("preprocess.safetensors").is_file())
-}
-
-/// The committed fixtures at the repository root.
-fn repo_fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
 fn tensor_u8(st: &SafeTensors, name: &str) -> (Vec<usize>, Vec<u8>) {
@@ -190,7 +188,7 @@ fn check_all(tensors: &Path, images: &Path) -> usize {
 
 #[test]
 fn synthetic_images_match_reference() {
-    let dir = repo_fixtures();
+    let dir = fixtures();
     let checked = check_all(
         &dir.join("preprocess_synth.safetensors"),
         &dir.join("images"),
@@ -212,7 +210,7 @@ fn all_shared_images_match_reference() {
 
 #[test]
 fn jpeg_variants_match_pillow() {
-    let dir = repo_fixtures();
+    let dir = fixtures();
     let bytes = std::fs::read(dir.join("jpeg_variants.safetensors")).expect("reading tensors");
     let st = SafeTensors::deserialize(&bytes).expect("parsing tensors");
     let (_, metadata) = SafeTensors::read_metadata(&bytes).expect("parsing metadata");

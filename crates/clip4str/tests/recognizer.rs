@@ -1,6 +1,8 @@
 //! The high-level API: every checkpoint format gives the same outputs; images go through the full path
 //! (decode -> Pillow bicubic -> model) exactly like the reference; bad checkpoints are clear errors.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -8,26 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use clip4str::checkpoint::{read_checkpoint, save_safetensors};
 use clip4str::preprocess::decode_rgb;
 use clip4str::recognizer::{Recognizer, RecognizerOptions};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn shared_fixtures() -> Option<PathBuf> {
-    let p = std::env::var_os("CLIP4STR_SHARED")
-        .map(PathBuf::from)
-        .map(|p| {
-            if p.join("fixtures").is_dir() {
-                p.join("fixtures")
-            } else {
-                p
-            }
-        })
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
-        });
-    p.join("images").is_dir().then_some(p)
-}
+use common::{fixtures, max_abs};
 
 fn tiny_config() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny_config.json")).unwrap())
@@ -84,7 +67,7 @@ fn all_checkpoint_formats_give_identical_outputs() {
 
 #[test]
 fn photos_through_the_full_path_match_reference() {
-    let Some(shared) = shared_fixtures() else {
+    let Some(shared) = common::shared_fixtures(|p| p.join("images").is_dir()) else {
         eprintln!(
             "skipped: ../shared/fixtures/images not found (third-party photos are not in the repo)"
         );
@@ -233,17 +216,6 @@ fn recorded_normalization_is_used_unless_overridden() {
         "{err}"
     );
     std::fs::remove_dir_all(&dir).ok();
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// bf16 mode (bf16 linear layers, f32 accumulation) stays within a stated distance of the f32 path: image

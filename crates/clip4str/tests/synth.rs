@@ -3,6 +3,8 @@
 //! there are any.
 #![cfg(feature = "train")]
 
+mod common;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -12,10 +14,11 @@ use clip4str::data::synth::{
     OutputFormat, SkipReason, SynthConfig, SynthError, Synthesizer,
 };
 use clip4str::preprocess::decode_rgb;
+use common::temp_dir;
 use rayon::prelude::*;
 
 fn fixture_fonts() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/fonts")
+    common::fixture("fonts")
 }
 
 fn fixture_config(seed: u64) -> SynthConfig {
@@ -24,13 +27,6 @@ fn fixture_config(seed: u64) -> SynthConfig {
         fonts: discover_fonts(&[fixture_fonts()]),
         ..SynthConfig::default()
     }
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("clip4str-synth-{}-{name}", std::process::id()));
-    std::fs::remove_dir_all(&dir).ok();
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
 }
 
 #[test]

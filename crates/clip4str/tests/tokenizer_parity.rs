@@ -2,10 +2,11 @@
 //! CLIP BPE (`tokenizer_clip.json`), the charset tokenizer, CharsetAdapter and label filtering
 //! (`tokenizer_charset.json` / `.safetensors`) and the LMDB label lists (`lmdb_tiny.json`).
 
-use std::path::PathBuf;
+mod common;
 
 use clip4str::charset::{filter_label, CharsetAdapter, CharsetTokenizer, CHARSET_36, CHARSET_94};
 use clip4str::clip::bpe::{self, ClipBpe, EOT, SOT};
+use common::fixtures;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
@@ -13,14 +14,8 @@ use serde_json::Value;
 /// raise it when the ftfy subset improves, never lower it.
 const NON_ASCII_MATCHED_AT_LEAST: usize = 79;
 
-fn fixture_path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
-
 fn load_json(name: &str) -> Value {
-    let path = fixture_path(name);
+    let path = fixtures().join(name);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
@@ -167,8 +162,8 @@ fn charset_encode_matches_reference() {
         .encode_batch(&labels)
         .unwrap_or_else(|e| panic!("{e}"));
 
-    let bytes =
-        std::fs::read(fixture_path("tokenizer_charset.safetensors")).expect("reading safetensors");
+    let bytes = std::fs::read(fixtures().join("tokenizer_charset.safetensors"))
+        .expect("reading safetensors");
     let tensors = SafeTensors::deserialize(&bytes).expect("parsing safetensors");
     let expected = tensors
         .tensor("encode_batched")
@@ -194,8 +189,8 @@ fn charset_decode_matches_reference() {
     let fixture = load_json("tokenizer_charset.json");
     let tokenizer = CharsetTokenizer::new(CHARSET_94);
     let adapter36 = CharsetAdapter::new(CHARSET_36);
-    let bytes =
-        std::fs::read(fixture_path("tokenizer_charset.safetensors")).expect("reading safetensors");
+    let bytes = std::fs::read(fixtures().join("tokenizer_charset.safetensors"))
+        .expect("reading safetensors");
     let tensors = SafeTensors::deserialize(&bytes).expect("parsing safetensors");
 
     let cases = fixture["decode_cases"].as_array().expect("decode_cases");

@@ -3,8 +3,9 @@
 //! gradient, clipping, AdamW and the one-cycle schedule. Also structural checks of `gen_tgt_perms`.
 #![cfg(feature = "train")]
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use clip4str::config::Clip4StrConfig;
@@ -12,12 +13,9 @@ use clip4str::train::{
     clip_grad_norm, gen_tgt_perms, generate_attn_masks, training_loss, AdamW, LossOptions,
     OneCycleLr, OptimizerConfig, ParamStore, TrainingLoss,
 };
+use common::{fixtures, flat, max_abs, max_abs_diff};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 struct Fixture {
     tensors: HashMap<String, Tensor>,
@@ -59,26 +57,6 @@ impl Fixture {
             .map(|v| v.as_str().expect("label").to_string())
             .collect()
     }
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1::<f32>())
-        .expect("f32 values")
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    flat(a)
-        .iter()
-        .zip(flat(b))
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    flat(t).iter().map(|x| x.abs()).fold(0.0, f32::max)
 }
 
 /// `-inf` pattern equality (and zeros elsewhere).

@@ -1,6 +1,8 @@
 //! A short from-scratch run end to end: output files, a checkpoint `read` can load alone, resume.
 #![cfg(feature = "train")]
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
@@ -11,10 +13,7 @@ use clip4str::train::init::{sincos_positional, VISUAL_POSITIONAL};
 use clip4str::train::{
     InitSpec, PositionalInit, StepMetrics, TrainConfig, TrainObserver, Trainer, CTC_HEAD_PREFIX,
 };
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use common::fixtures;
 
 struct Quiet;
 impl TrainObserver for Quiet {}

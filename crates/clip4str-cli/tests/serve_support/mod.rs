@@ -1,5 +1,6 @@
 //! Shared by the `clip4str serve` tests: start the real binary on a free port, talk HTTP to it, build request
-//! bodies. Not every test file uses every helper.
+//! bodies. Not every test file uses every helper. A test file that declares `mod serve_support;` declares
+//! `mod common;` (the repository paths) too.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -13,10 +14,7 @@ pub mod bodies;
 #[allow(unused_imports)]
 pub use bodies::*;
 
-/// The repository root.
-pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use super::common::{fixtures, root};
 
 /// `examples/images/word01.png` .. `word10.png`.
 pub fn example_images() -> Vec<PathBuf> {
@@ -27,7 +25,7 @@ pub fn example_images() -> Vec<PathBuf> {
 
 /// The synthetic fixture images (odd sizes and colours).
 pub fn fixture_images() -> Vec<PathBuf> {
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(root().join("tests/fixtures/images"))
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(fixtures().join("images"))
         .expect("list fixture images")
         .map(|e| e.expect("fixture entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "png"))
@@ -38,7 +36,7 @@ pub fn fixture_images() -> Vec<PathBuf> {
 
 /// Arguments that serve the tiny test checkpoint (fast, and its predictions differ in length and charset).
 pub fn tiny_model_args() -> Vec<String> {
-    let fixtures = root().join("tests/fixtures");
+    let fixtures = fixtures();
     vec![
         "--checkpoint".into(),
         fixtures.join("tiny.safetensors").display().to_string(),
