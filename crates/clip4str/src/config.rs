@@ -215,6 +215,26 @@ pub(crate) fn clip_heads(width: usize) -> Option<usize> {
     (width >= 64 && width.is_multiple_of(64)).then_some(width / 64)
 }
 
+/// Dimension `i` of the tensor `name` among `(name, shape)` pairs.
+fn tensor_dim<'a>(
+    shapes: impl IntoIterator<Item = (&'a str, &'a [usize])>,
+    name: &str,
+    i: usize,
+) -> Result<usize, ConfigError> {
+    let (_, shape) = shapes
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .ok_or_else(|| ConfigError::MissingTensor { name: name.into() })?;
+    shape
+        .get(i)
+        .copied()
+        .ok_or_else(|| ConfigError::TooFewDims {
+            name: name.into(),
+            shape: shape.to_vec(),
+            needed: i + 1,
+        })
+}
+
 /// `1 +` the largest block index `N` among names `{prefix}N.…`; 0 when there is none.
 pub(crate) fn count_blocks<'a>(names: impl IntoIterator<Item = &'a str>, prefix: &str) -> usize {
     names
@@ -260,18 +280,7 @@ impl ClipShapes {
     pub(crate) fn read<'a>(
         shapes: impl IntoIterator<Item = (&'a str, &'a [usize])> + Clone,
     ) -> Result<Self, ConfigError> {
-        let dim = |name: &str, i: usize| -> Result<usize, ConfigError> {
-            let (_, s) = shapes
-                .clone()
-                .into_iter()
-                .find(|(n, _)| *n == name)
-                .ok_or_else(|| ConfigError::MissingTensor { name: name.into() })?;
-            s.get(i).copied().ok_or_else(|| ConfigError::TooFewDims {
-                name: name.into(),
-                shape: s.to_vec(),
-                needed: i + 1,
-            })
-        };
+        let dim = |name: &str, i: usize| tensor_dim(shapes.clone(), name, i);
         let blocks =
             |prefix: &str| count_blocks(shapes.clone().into_iter().map(|(n, _)| n), prefix);
         let conv = "clip_model.visual.conv1.weight";
@@ -457,17 +466,7 @@ impl Clip4StrConfig {
         config_override: Option<&serde_json::Value>,
     ) -> Result<Self, ConfigError> {
         let pairs = shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice()));
-        let dim = |name: &str, i: usize| -> Result<usize, ConfigError> {
-            let (_, s) = pairs
-                .clone()
-                .find(|(n, _)| *n == name)
-                .ok_or_else(|| ConfigError::MissingTensor { name: name.into() })?;
-            s.get(i).copied().ok_or_else(|| ConfigError::TooFewDims {
-                name: name.into(),
-                shape: s.to_vec(),
-                needed: i + 1,
-            })
-        };
+        let dim = |name: &str, i: usize| tensor_dim(pairs.clone(), name, i);
         let clip = ClipShapes::read(pairs.clone())?;
         let (vw, [ph, pw], pos_rows) = (clip.vision_width, clip.patch_size, clip.vision_rows);
         let (vl, tw, tl) = (clip.vision_layers, clip.text_width, clip.text_layers);
