@@ -58,15 +58,6 @@ pub fn is_trainable(name: &str, cfg: &Clip4StrConfig) -> bool {
     block_index(clip, "transformer.resblocks.").is_some_and(|layer| layer >= n)
 }
 
-/// State-dict names of the tensors that receive gradients for this configuration, in construction order.
-pub fn trainable_names(cfg: &Clip4StrConfig) -> Result<Vec<String>, TrainError> {
-    Ok(Clip4Str::expected_tensors(cfg)?
-        .into_iter()
-        .map(|(name, _)| name)
-        .filter(|name| is_trainable(name, cfg))
-        .collect())
-}
-
 /// Every weight of a model being trained: trainable ones as `Var`s, frozen ones as constants.
 #[derive(Clone)]
 pub struct ParamStore {

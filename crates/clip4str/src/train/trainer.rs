@@ -18,10 +18,11 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use super::config::{InitSpec, PositionalInit, TrainConfig};
+use super::ctc::ctc_loss;
 use super::init::{initial_weights, sincos_positional, InitSource, VISUAL_POSITIONAL};
 use super::{
-    clip_grad_norm, ctc_loss, gen_tgt_perms, training_loss, AdamW, CtcHead, LossOptions,
-    OneCycleLr, OptimizerConfig, ParamStore, TrainError,
+    clip_grad_norm, gen_tgt_perms, training_loss, AdamW, CtcHead, LossOptions, OneCycleLr,
+    OptimizerConfig, ParamStore, TrainError,
 };
 use crate::charset::CharsetAdapter;
 use crate::checkpoint::{read_checkpoint, save_safetensors};
