@@ -353,11 +353,17 @@ fn sniff(head: &[u8]) -> Result<Sniffed, String> {
     if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
         return Ok(Sniffed::TorchZip);
     }
-    let header_len = head
-        .get(..8)
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(u64::from_le_bytes);
-    if head.get(8) == Some(&b'{') && header_len.is_some_and(|n| n <= MAX_SAFETENSORS_HEADER) {
+    let len_bytes = head.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok());
+    let header_len = len_bytes.map(u64::from_le_bytes);
+    // A size past the limit is still safetensors (a damaged one, which the reader reports as such) unless its
+    // eight bytes read as text, as in a JSON or text file whose ninth character happens to be `{`.
+    let binary_size = len_bytes.is_some_and(|b| {
+        b.iter()
+            .any(|c| !c.is_ascii_graphic() && !c.is_ascii_whitespace())
+    });
+    if head.get(8) == Some(&b'{')
+        && (header_len.is_some_and(|n| n <= MAX_SAFETENSORS_HEADER) || binary_size)
+    {
         return Ok(Sniffed::Safetensors);
     }
     let looks_like = if head.starts_with(LEGACY_TORCH) {

@@ -229,6 +229,27 @@ fn damaged_safetensors_header() {
     assert!(e.to_string().contains("not valid JSON"), "{e}");
 }
 
+/// A size field of 2^40 (a flipped high byte) is a damaged safetensors file, not "a text file"; eight bytes that
+/// read as text before a `{` are still a text file.
+#[test]
+fn impossible_safetensors_header_size_is_named() {
+    let mut bytes = std::fs::read(fixture("tiny.safetensors")).expect("fixture");
+    bytes[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let f = TempFile::with_bytes("huge-header.safetensors", &bytes);
+    let e = err_of(&f.0);
+    assert!(matches!(e, LoadError::Corrupt { .. }), "{e:?}");
+    assert!(
+        e.to_string().contains("claims 1099511627776 bytes") && e.to_string().contains("damaged"),
+        "{e}"
+    );
+    let text = TempFile::with_bytes("notes.json", b"{\"a\":1}\n{\"b\": 2}\n");
+    let e = err_of(&text.0);
+    assert!(e.to_string().contains("looks like a JSON file"), "{e}");
+    let text = TempFile::with_bytes("notes.txt", b"weights {not really}\n");
+    let e = err_of(&text.0);
+    assert!(e.to_string().contains("looks like a text file"), "{e}");
+}
+
 #[test]
 fn safetensors_round_trip_f32_and_f16() {
     let dev = Device::Cpu;

@@ -175,7 +175,13 @@ pub(super) fn safetensors_from(
         .map_err(|e| corrupt(format!("cannot read the safetensors header size ({e})")))?;
     let header_len = u64::from_le_bytes(len_bytes);
     let data_start = header_len.saturating_add(8);
-    if header_len > MAX_SAFETENSORS_HEADER || data_start > file_len {
+    if header_len > MAX_SAFETENSORS_HEADER {
+        return Err(corrupt(format!(
+            "the safetensors header claims {header_len} bytes, more than the format allows \
+             ({MAX_SAFETENSORS_HEADER}); the size field is damaged"
+        )));
+    }
+    if data_start > file_len {
         return Err(corrupt(format!(
             "the safetensors header claims {header_len} bytes but the file has {file_len} \
              (truncated?)"
