@@ -85,8 +85,29 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
 }
 
+/// `println!` panics when stdout is a closed pipe (`clip4str eval ... | head -3`). That is the reader having had
+/// enough, not a failure: the process ends quietly with status 0 instead of a panic message and status 101.
+/// Commands that write files after printing use `output::print_stdout`, so they get to finish; this hook is the
+/// net under every other `println!`.
+fn end_quietly_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
     keep_freed_memory();
+    end_quietly_on_closed_stdout();
     let cli = Cli::parse();
     let result = set_threads(cli.threads).and_then(|()| match cli.command {
         Command::Read(args) => read::run(args),

@@ -1,6 +1,6 @@
 //! What the commands print: which characters a printed text keeps, the report formats, and progress bars.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
 use clap::ValueEnum;
 use clip4str::charset::charset_test;
@@ -38,4 +38,15 @@ pub fn progress_bar(len: usize, template: &str) -> ProgressBar {
         ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar
+}
+
+/// Writes `text` to stdout. A closed stdout (`clip4str data show DIR | head -2`) is the reader having had
+/// enough, not a failure: the rest of the text is dropped and the command carries on, so the files it writes
+/// are still written. Any other write error is returned.
+pub fn print_stdout(text: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
 }

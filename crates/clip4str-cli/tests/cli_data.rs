@@ -172,6 +172,21 @@ fn create_skips_bad_records_and_show_summarises_the_lmdb() {
     assert!(never.contains('Z') && !never.contains('H'), "{never}");
     let sheet = image::open(dir.join("sheet.png")).expect("sheet is a PNG");
     assert_eq!((sheet.width(), sheet.height()), sheet_size(2));
+
+    // `data show lmdb | head -2`: stdout closed before anything is printed. A normal end (it used to panic with
+    // "Broken pipe", status 101), and the sheet is still drawn.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_clip4str"))
+        .args(["data", "show", "lmdb", "--n", "2", "--sheet", "piped.png"])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run clip4str");
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("wait for clip4str");
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(stderr(&output).is_empty(), "{}", stderr(&output));
+    assert!(dir.join("piped.png").is_file(), "the sheet was not written");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -18,6 +18,7 @@ use rayon::prelude::*;
 
 use super::progress_bar;
 use super::sheet::{self, Tile};
+use crate::output::print_stdout;
 
 /// Records read per parallel chunk.
 const CHUNK: usize = 4096;
@@ -275,10 +276,12 @@ pub fn run(args: ShowArgs) -> anyhow::Result<ExitCode> {
             unreadable.len() - MAX_NAMED
         );
     }
-    print!(
-        "{}",
-        report(dataset, &stats, unreadable.len(), args.check_images)
-    );
+    print_stdout(&report(
+        dataset,
+        &stats,
+        unreadable.len(),
+        args.check_images,
+    ))?;
 
     if !tiles.is_empty() {
         let path = args
@@ -287,13 +290,13 @@ pub fn run(args: ShowArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|| default_sheet_path(dataset.name()));
         let image = sheet::render(&tiles);
         write_png(&image, &path)?;
-        println!(
-            "\nsheet: {} ({} samples, {}x{} pixels)",
+        print_stdout(&format!(
+            "\nsheet: {} ({} samples, {}x{} pixels)\n",
             path.display(),
             tiles.len(),
             image.width(),
             image.height()
-        );
+        ))?;
     } else if args.sheet.is_some() {
         eprintln!("warning: no sheet written: the dataset has no records or -n is 0");
     }
