@@ -202,6 +202,35 @@ fn bad_flags_are_rejected() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("batch-size"));
 }
 
+/// A folder without images used to print nothing and exit 0; it is named, and the images given beside it are read.
+#[test]
+fn a_folder_without_images_is_named() {
+    let dir = common::temp_dir("no-images");
+    std::fs::write(dir.join("notes.txt"), b"no images here").unwrap();
+    let img = synth_cases()[0].0.display().to_string();
+    let ckpt = fixtures().join("tiny.ckpt");
+    let out = clip4str(&[
+        "read",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        dir.to_str().unwrap(),
+        &img,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains(&format!("{}: no image files in this folder", dir.display()))
+            && stderr.contains(".png, .jpg"),
+        "stderr: {stderr}"
+    );
+    assert_eq!(
+        parse_lines(&out.stdout).len(),
+        1,
+        "the image beside it is read"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn per_sample_stop_gives_batch_independent_results() {
     let cases = synth_cases();

@@ -29,10 +29,13 @@ pub enum Format {
 pub struct ReadArgs {
     #[command(flatten)]
     pub weights: ModelArgs,
-    /// Keep upper case (test.py --cased): charset_test gains A-Z and the output is filtered by it.
+    /// Filter the output like test.py --cased: letters of both cases and digits, no punctuation unless
+    /// --punctuation is given too (`$5,098.80` prints as `509880`). Without either flag, read prints the raw
+    /// prediction, as read.py does (`$5,098.80`, `PARKING`).
     #[arg(long)]
     pub cased: bool,
-    /// Keep punctuation (test.py --punctuation): charset_test gains punctuation, output filtered by it.
+    /// Filter the output like test.py --punctuation: lower case, digits and punctuation (`PARKING` prints as
+    /// `parking`); with --cased too, all 94 characters (`$5,098.80`, `PARKING`).
     #[arg(long)]
     pub punctuation: bool,
     /// Images per model batch (results can depend on it, like the reference's batch-wide early stop).
@@ -66,6 +69,7 @@ fn collect_inputs(inputs: &[PathBuf], errors: &mut Vec<(PathBuf, String)>) -> Ve
     let mut out = Vec::new();
     for input in inputs {
         if input.is_dir() {
+            let (before, errors_before) = (out.len(), errors.len());
             for item in walk(input) {
                 match item {
                     Ok(Found::File(path)) if is_image(&path) => out.push(path),
@@ -74,6 +78,15 @@ fn collect_inputs(inputs: &[PathBuf], errors: &mut Vec<(PathBuf, String)>) -> Ve
                         errors.push((path, format!("cannot list folder: {error}")));
                     }
                 }
+            }
+            if out.len() == before && errors.len() == errors_before {
+                errors.push((
+                    input.clone(),
+                    format!(
+                        "no image files in this folder (looked for .{})",
+                        IMAGE_EXTENSIONS.join(", .")
+                    ),
+                ));
             }
         } else if input.exists() {
             out.push(input.clone());
