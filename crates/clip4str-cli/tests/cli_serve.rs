@@ -460,6 +460,27 @@ fn bad_input_gets_json_errors() {
     let answer = raw_exchange(&server.addr, &chunked);
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("\"body_too_large\""), "{answer}");
+    // A Content-Length far over the limit with (almost) nothing sent: refused from the header at once. It used
+    // to wait for the body until the request timeout and answer 503.
+    let mut stream = std::net::TcpStream::connect(&server.addr).expect("connect");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("set timeout");
+    std::io::Write::write_all(
+        &mut stream,
+        b"POST /v1/read HTTP/1.1\r\nHost: test\r\nContent-Length: 100000000000\r\n\r\n0123456789",
+    )
+    .expect("send");
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut stream, &mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 413"),
+        "after {:?}: {answer}",
+        started.elapsed()
+    );
+    assert!(answer.contains("\"body_too_large\""), "{answer}");
 
     // JSON bodies.
     let good = base64(&png);

@@ -28,6 +28,10 @@ const PAGE: &str = include_str!("page.html");
 /// (still sending) sees the 413 instead of a connection reset; beyond it the connection is simply closed.
 const DRAIN_LIMIT: usize = 64 << 20;
 
+/// Draining stops once the client has sent nothing for this long: a client that only announced a huge
+/// `Content-Length` gets its 413 at once instead of when the request times out.
+const DRAIN_IDLE: Duration = Duration::from_millis(200);
+
 /// Per-request limits.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestLimits {
@@ -383,12 +387,13 @@ async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Bytes,
     Ok(Bytes::from(data))
 }
 
-/// Reads and drops the rest of a refused body, up to [`DRAIN_LIMIT`] bytes.
+/// Reads and drops the rest of a refused body while the client keeps sending, up to [`DRAIN_LIMIT`] bytes.
 async fn drain(mut body: Body) {
     let mut dropped = 0usize;
     while dropped < DRAIN_LIMIT {
-        match body.frame().await {
-            Some(Ok(frame)) => dropped += frame.data_ref().map_or(0, |d| d.len()),
+        match tokio::time::timeout(DRAIN_IDLE, body.frame()).await {
+            Ok(Some(Ok(frame))) => dropped += frame.data_ref().map_or(0, |d| d.len()),
+            // The end, a broken body, or a client that stopped sending.
             _ => break,
         }
     }

@@ -106,6 +106,12 @@ impl IntoResponse for ApiError {
             body,
         )
             .into_response();
+        if self.kind == "body_too_large" {
+            // The rest of the body was not read: what follows on the connection is not a next request.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(seconds) = self.retry_after_s {
             response
                 .headers_mut()
