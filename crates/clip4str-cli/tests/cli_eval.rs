@@ -118,6 +118,14 @@ fn own_lmdb_with_a_corrupt_record_is_scored_and_reported() {
         stdout.contains("| Combined |         5 |"),
         "stdout: {stdout}"
     );
+    // The unreadable record is in no figure, and the table says so (it used to appear on stderr only).
+    assert!(stdout.contains("| Unreadable |"), "stdout: {stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("| CUTE80 ") && l.ends_with("|          1 |")),
+        "stdout: {stdout}"
+    );
     assert!(stdout.contains("images/s"));
 
     // Per-sample predictions equal what `read` gives on the same images.

@@ -241,8 +241,11 @@ pub fn results_report(groups: &[(&str, &[DatasetResult])]) -> String {
 
 /// `print_results_table` from test.py: a markdown table whose first column is as wide as the longest name
 /// (at least `Combined`), counts right-aligned in 9, percentages with two decimals in the header widths,
-/// a dashed rule and the sample-weighted `Combined` row. Every line ends with `\n`.
+/// a dashed rule and the sample-weighted `Combined` row. Every line ends with `\n`. When records could not be
+/// read (and so are in no figure), a last `Unreadable` column counts them; otherwise the layout is test.py's.
 pub fn markdown_table(results: &[DatasetResult]) -> String {
+    let unreadable = results.iter().any(|r| r.failed_records > 0);
+    let extra = |with: &'static str| if unreadable { with } else { "" };
     let width = results
         .iter()
         .map(|result| result.name.chars().count())
@@ -252,25 +255,33 @@ pub fn markdown_table(results: &[DatasetResult]) -> String {
     let dashes = "-".repeat(width);
     let mut table = String::new();
     table.push_str(&format!(
-        "| {:<width$} | # samples | Accuracy | 1 - NED | Confidence | Label Length |\n",
-        "Dataset"
+        "| {:<width$} | # samples | Accuracy | 1 - NED | Confidence | Label Length |{}\n",
+        "Dataset",
+        extra(" Unreadable |")
     ));
     table.push_str(&format!(
-        "|:{dashes}:|----------:|---------:|--------:|-----------:|-------------:|\n"
+        "|:{dashes}:|----------:|---------:|--------:|-----------:|-------------:|{}\n",
+        extra("-----------:|")
     ));
     for result in results {
-        table.push_str(&format_row(&result.row(), width));
+        table.push_str(&format_row(&result.row(), width, unreadable));
     }
     table.push_str(&format!(
-        "|-{dashes}-|-----------|----------|---------|------------|--------------|\n"
+        "|-{dashes}-|-----------|----------|---------|------------|--------------|{}\n",
+        extra("------------|")
     ));
-    table.push_str(&format_row(&combined(results), width));
+    table.push_str(&format_row(&combined(results), width, unreadable));
     table
 }
 
-fn format_row(row: &ResultRow, width: usize) -> String {
+fn format_row(row: &ResultRow, width: usize, unreadable: bool) -> String {
+    let extra = if unreadable {
+        format!(" {:>10} |", row.failed_records)
+    } else {
+        String::new()
+    };
     format!(
-        "| {:<width$} | {:>9} | {:>8.2} | {:>7.2} | {:>10.2} | {:>12.2} |\n",
+        "| {:<width$} | {:>9} | {:>8.2} | {:>7.2} | {:>10.2} | {:>12.2} |{extra}\n",
         row.dataset,
         row.num_samples,
         row.accuracy,
@@ -419,6 +430,18 @@ Benchmark set:
         let report = results_report(&[("New", &long)]);
         assert!(report.starts_with("New set:\n| Dataset "));
         assert!(report.ends_with("|         0.12 |\n\n\n"));
+
+        // Records that could not be read are in no figure; the table counts them in a column of its own.
+        let mut damaged = long;
+        damaged[0].failed_records = 3;
+        let expected_damaged = "\
+| Dataset          | # samples | Accuracy | 1 - NED | Confidence | Label Length | Unreadable |
+|:----------------:|----------:|---------:|--------:|-----------:|-------------:|-----------:|
+| A_very_long_name |         8 |    12.50 |   98.44 |      12.50 |         0.12 |          3 |
+|------------------|-----------|----------|---------|------------|--------------|------------|
+| Combined         |         8 |    12.50 |   98.44 |      12.50 |         0.12 |          3 |
+";
+        assert_eq!(markdown_table(&damaged), expected_damaged);
     }
 
     #[test]
