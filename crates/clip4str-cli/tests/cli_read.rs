@@ -231,6 +231,43 @@ fn a_folder_without_images_is_named() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// `read` had no pixel limit (a 13000 x 13000 PNG was decoded into 615 MB); it has serve's, and an image over it is
+/// reported while the others are read.
+#[test]
+fn images_over_the_pixel_limit_are_reported_and_the_rest_read() {
+    let dir = common::temp_dir("pixels");
+    let small = dir.join("small.png");
+    image::RgbImage::from_pixel(30, 10, image::Rgb([200, 200, 200]))
+        .save(&small)
+        .unwrap();
+    let big = synth_cases()[0].0.clone();
+    let (w, h) = image::image_dimensions(&big).unwrap();
+    assert!(w * h > 1000, "the fixture must be over the test's limit");
+    let ckpt = fixtures().join("tiny.ckpt");
+    let out = clip4str(&[
+        "read",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--max-pixels",
+        "1000",
+        big.to_str().unwrap(),
+        small.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}: image is {w}x{h}, more than the limit of 1000 pixels",
+            big.display()
+        )),
+        "stderr: {stderr}"
+    );
+    let lines = parse_lines(&out.stdout);
+    assert_eq!(lines.len(), 1, "the small image is read");
+    assert!(lines[0].0.ends_with("small.png"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn per_sample_stop_gives_batch_independent_results() {
     let cases = synth_cases();

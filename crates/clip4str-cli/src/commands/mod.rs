@@ -12,3 +12,8 @@ pub mod read;
 pub mod serve;
 pub mod synth;
 pub mod train;
+
+/// Largest image, in pixels, that `read` and `serve` decode unless told otherwise (`--max-pixels`), checked from
+/// the header before any pixel buffer exists: 16 megapixels is 48 MB of RGB, while a 519 KB PNG can announce
+/// 13000 x 13000 (507 MB).
+pub const DEFAULT_MAX_PIXELS: u64 = 16_000_000;

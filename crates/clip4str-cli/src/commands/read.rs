@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use clip4str::data::walk::{walk, Found, WalkError};
-use clip4str::preprocess::decode_rgb;
+use clip4str::preprocess::decode_rgb_limited;
 use clip4str::recognizer::{Prediction, RecognizerOptions};
 use indicatif::ProgressBar;
 use rayon::prelude::*;
@@ -44,6 +44,10 @@ pub struct ReadArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    /// Largest image in pixels, checked from its header before decoding; a larger one is reported and the others
+    /// are still read (the limit `serve` uses too).
+    #[arg(long, default_value_t = super::DEFAULT_MAX_PIXELS)]
+    pub max_pixels: u64,
     /// Decode every image as if it were alone, so results do not depend on the batch (the reference stops
     /// a batch only when all images have ended).
     #[arg(long)]
@@ -164,7 +168,9 @@ pub fn run(args: ReadArgs) -> anyhow::Result<ExitCode> {
             .map(|p| {
                 let input = std::fs::read(p)
                     .map_err(|e| format!("cannot read file: {e}"))
-                    .and_then(|bytes| decode_rgb(&bytes).map_err(|e| e.to_string()))
+                    .and_then(|bytes| {
+                        decode_rgb_limited(&bytes, args.max_pixels).map_err(|e| e.to_string())
+                    })
                     .map(|img| recognizer.preprocess(&img));
                 (p.clone(), input)
             })

@@ -52,7 +52,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 16 << 20)]
     pub max_body_bytes: usize,
     /// Largest image in pixels, checked from its header before decoding (larger ones get 413).
-    #[arg(long, default_value_t = 16_000_000)]
+    #[arg(long, default_value_t = super::DEFAULT_MAX_PIXELS)]
     pub max_pixels: u64,
     /// Longest a read request may take in ms, body upload included (then 503 with `"kind": "timeout"`).
     #[arg(long, default_value_t = 30_000)]
