@@ -151,6 +151,32 @@ fn font_summary(synth: &Synthesizer) -> String {
     line
 }
 
+/// Fewer default font families than this gets a note: a model trained on a handful of faces reads little else.
+const FEW_FAMILIES: usize = 20;
+
+/// One note when the default sources are thin (few system fonts, or the built-in word list), naming the script
+/// that installs what the bundled model was trained on; `None` when the user chose the fonts or there are many.
+fn thin_sources_note(
+    default_fonts: bool,
+    families: usize,
+    built_in_words: Option<usize>,
+) -> Option<String> {
+    let mut thin = Vec::new();
+    if default_fonts && families < FEW_FAMILIES {
+        thin.push(format!("{families} font families"));
+    }
+    if let Some(words) = built_in_words {
+        thin.push(format!("the built-in list of {words} words"));
+    }
+    (!thin.is_empty()).then(|| {
+        format!(
+            "note: drawing from {} only; scripts/install-fonts.sh installs the fonts (189 training families) \
+             and the word list the bundled model was trained on, or pass --fonts DIR / --words FILE",
+            thin.join(" and ")
+        )
+    })
+}
+
 pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
     let sources =
         find_sources(&args.fonts, args.words.as_deref(), args.max_length).map_err(|e| match e {
@@ -187,9 +213,17 @@ pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
         synth.num_words(),
         sources
             .word_file
+            .as_ref()
             .map(|p| format!(" from {}", p.display()))
             .unwrap_or_else(|| " (built-in list)".to_owned())
     );
+    if let Some(note) = thin_sources_note(
+        args.fonts.is_empty(),
+        synth.font_report().families.len(),
+        sources.word_file.is_none().then(|| synth.num_words()),
+    ) {
+        eprintln!("{note}");
+    }
     if args.list_fonts {
         let mut out = std::io::stdout().lock();
         for (family, files) in synth.font_families() {
@@ -326,5 +360,19 @@ mod tests {
         assert_eq!(parse_range("32-64"), Ok([32, 64]));
         assert_eq!(parse_range("48"), Ok([48, 48]));
         assert!(parse_range("x-3").is_err());
+    }
+
+    #[test]
+    fn thin_default_sources_get_one_note() {
+        let note = thin_sources_note(true, 4, Some(274)).expect("a note");
+        assert!(
+            note.contains("4 font families and the built-in list of 274 words"),
+            "{note}"
+        );
+        assert!(note.contains("scripts/install-fonts.sh"), "{note}");
+        assert!(thin_sources_note(true, 4, None).is_some_and(|n| !n.contains("built-in")));
+        // Fonts the user chose, or plenty of them, with a real word list: nothing to say.
+        assert_eq!(thin_sources_note(false, 4, None), None);
+        assert_eq!(thin_sources_note(true, 189, None), None);
     }
 }
