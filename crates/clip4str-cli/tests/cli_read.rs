@@ -268,6 +268,54 @@ fn images_over_the_pixel_limit_are_reported_and_the_rest_read() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// `read -` takes one image's bytes from stdin (named `-` in the output), or else a list of paths; it used to
+/// look for a file named `-`.
+#[test]
+fn dash_reads_an_image_or_a_path_list_from_stdin() {
+    let run = |stdin: &[u8]| {
+        let ckpt = fixtures().join("tiny.ckpt");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_clip4str"))
+            .args(["read", "--checkpoint", ckpt.to_str().unwrap(), "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run clip4str");
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin).unwrap();
+        child.wait_with_output().expect("wait for clip4str")
+    };
+    let cases = synth_cases();
+    let (path, text, _) = &cases[0];
+    let out = run(&std::fs::read(path).unwrap());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = parse_lines(&out.stdout);
+    assert_eq!(lines.len(), 1);
+    assert_eq!((lines[0].0.as_str(), &lines[0].1), ("-", text));
+
+    let list = format!("{}\n{}\n", cases[0].0.display(), cases[1].0.display());
+    let out = run(list.as_bytes());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = parse_lines(&out.stdout);
+    let names: Vec<&str> = lines.iter().map(|l| l.0.as_str()).collect();
+    assert_eq!(
+        names,
+        [cases[0].0.to_str().unwrap(), cases[1].0.to_str().unwrap()]
+    );
+    assert_eq!(lines[1].1, cases[1].1);
+
+    let out = run(b"");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stdin is empty"));
+}
+
 #[test]
 fn per_sample_stop_gives_batch_independent_results() {
     let cases = synth_cases();

@@ -52,7 +52,8 @@ pub struct ReadArgs {
     /// a batch only when all images have ended).
     #[arg(long)]
     pub per_sample_stop: bool,
-    /// Image files or folders (searched recursively).
+    /// Image files or folders (searched recursively); `-` reads stdin: the bytes of one image, or else a list of
+    /// files and folders, one per line.
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
 }
@@ -65,6 +66,42 @@ fn is_image(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// The name `-` stands for stdin in inputs and in the output.
+const STDIN: &str = "-";
+
+/// What `-` read from stdin.
+enum Stdin {
+    /// The bytes of one image (its output line is named `-`).
+    Image(Vec<u8>),
+    /// Files and folders, one per line.
+    Paths(Vec<PathBuf>),
+}
+
+/// Reads stdin whole: an image if its first bytes are an image format's, else a list of paths.
+fn read_stdin() -> anyhow::Result<Stdin> {
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut bytes)
+        .context("reading stdin")?;
+    if bytes.is_empty() {
+        anyhow::bail!("-: stdin is empty (expected the bytes of an image, or paths one per line)");
+    }
+    if image::guess_format(&bytes).is_ok() {
+        return Ok(Stdin::Image(bytes));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| {
+        anyhow::anyhow!(
+            "-: stdin is neither an image this build reads nor a list of paths (UTF-8 text)"
+        )
+    })?;
+    Ok(Stdin::Paths(
+        text.lines()
+            .map(str::trim_end)
+            .filter(|l| !l.is_empty())
+            .map(PathBuf::from)
+            .collect(),
+    ))
 }
 
 /// Files given directly are kept whatever their name; folders contribute their image files, sorted (each real
@@ -142,8 +179,31 @@ pub fn run(args: ReadArgs) -> anyhow::Result<ExitCode> {
     };
     let recognizer = load_recognizer(&args.weights, opts)?;
 
+    let stdin_inputs = args
+        .inputs
+        .iter()
+        .filter(|p| p.as_os_str() == STDIN)
+        .count();
+    if stdin_inputs > 1 {
+        anyhow::bail!("`-` (stdin) can be given once");
+    }
+    // In the order given; `-` stands where it was.
+    let mut stdin_image = None;
     let mut failures: Vec<(PathBuf, String)> = Vec::new();
-    let paths = collect_inputs(&args.inputs, &mut failures);
+    let mut paths = Vec::new();
+    for input in &args.inputs {
+        if input.as_os_str() != STDIN {
+            paths.extend(collect_inputs(std::slice::from_ref(input), &mut failures));
+            continue;
+        }
+        match read_stdin()? {
+            Stdin::Image(bytes) => {
+                stdin_image = Some(bytes);
+                paths.push(PathBuf::from(STDIN));
+            }
+            Stdin::Paths(list) => paths.extend(collect_inputs(&list, &mut failures)),
+        }
+    }
     for (path, reason) in &failures {
         eprintln!("error: {}: {reason}", path.display());
     }
@@ -166,8 +226,11 @@ pub fn run(args: ReadArgs) -> anyhow::Result<ExitCode> {
         let decoded: Vec<(PathBuf, Result<Vec<f32>, String>)> = chunk
             .par_iter()
             .map(|p| {
-                let input = std::fs::read(p)
-                    .map_err(|e| format!("cannot read file: {e}"))
+                let bytes = match (&stdin_image, p.as_os_str() == STDIN) {
+                    (Some(image), true) => Ok(image.clone()),
+                    _ => std::fs::read(p).map_err(|e| format!("cannot read file: {e}")),
+                };
+                let input = bytes
                     .and_then(|bytes| {
                         decode_rgb_limited(&bytes, args.max_pixels).map_err(|e| e.to_string())
                     })
