@@ -316,6 +316,73 @@ fn dash_reads_an_image_or_a_path_list_from_stdin() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("stdin is empty"));
 }
 
+/// `--min-confidence X` marks readings below X (`low` column, `"low_confidence"`), and `--drop-low` leaves them out;
+/// junk used to print like any other line.
+#[test]
+fn low_confidence_readings_are_marked_or_dropped() {
+    let cases = synth_cases();
+    let mut confidences: Vec<f64> = cases.iter().map(|c| c.2).collect();
+    confidences.sort_by(f64::total_cmp);
+    // A threshold between two of the reference's confidences, so that some readings fall on each side.
+    let mid = confidences.len() / 2;
+    let min = (confidences[mid - 1] + confidences[mid]) / 2.0;
+    let below = confidences.iter().filter(|&&c| c < min).count();
+    assert!(below > 0 && below < cases.len());
+    let ckpt = fixtures().join("tiny.ckpt");
+    let paths: Vec<String> = cases.iter().map(|c| c.0.display().to_string()).collect();
+    let min_arg = format!("{min}");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "read",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--min-confidence",
+            &min_arg,
+        ];
+        args.extend_from_slice(extra);
+        args.extend(paths.iter().map(String::as_str));
+        clip4str(&args)
+    };
+    let out = run(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let marked = stdout.lines().filter(|l| l.ends_with("\tlow")).count();
+    assert_eq!(
+        (stdout.lines().count(), marked),
+        (cases.len(), below),
+        "{stdout}"
+    );
+    for line in stdout.lines() {
+        let conf: f64 = line.split('\t').nth(2).unwrap().parse().unwrap();
+        assert_eq!(line.ends_with("\tlow"), conf < min, "{line}");
+    }
+    let out = run(&["--drop-low"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().lines().count(),
+        cases.len() - below
+    );
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains(&format!("{below} reading(s) below confidence")));
+    let out = run(&["--format", "json"]);
+    let flags: Vec<bool> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["low_confidence"]
+                .as_bool()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(flags.iter().filter(|&&f| f).count(), below);
+    let bad = clip4str(&["read", "--min-confidence", "1.5", &paths[0]]);
+    assert_eq!(bad.status.code(), Some(2));
+}
+
 #[test]
 fn per_sample_stop_gives_batch_independent_results() {
     let cases = synth_cases();

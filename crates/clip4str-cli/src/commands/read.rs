@@ -48,6 +48,13 @@ pub struct ReadArgs {
     /// are still read (the limit `serve` uses too).
     #[arg(long, default_value_t = super::DEFAULT_MAX_PIXELS)]
     pub max_pixels: u64,
+    /// Mark readings whose confidence is below this (0-1): a fourth column `low` in text, `"low_confidence"` in
+    /// JSON. Junk such as a repeated letter at confidence 1e-9 otherwise prints like any other line.
+    #[arg(long, value_name = "X", value_parser = parse_confidence)]
+    pub min_confidence: Option<f32>,
+    /// With --min-confidence: leave those readings out instead of marking them (their count goes to stderr).
+    #[arg(long, requires = "min_confidence")]
+    pub drop_low: bool,
     /// Decode every image as if it were alone, so results do not depend on the batch (the reference stops
     /// a batch only when all images have ended).
     #[arg(long)]
@@ -138,11 +145,21 @@ fn collect_inputs(inputs: &[PathBuf], errors: &mut Vec<(PathBuf, String)>) -> Ve
     out
 }
 
+/// A confidence threshold: a number from 0 to 1.
+fn parse_confidence(text: &str) -> Result<f32, String> {
+    match text.parse::<f32>() {
+        Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
+        _ => Err(format!("{text:?} is not a confidence from 0 to 1")),
+    }
+}
+
+/// `low`: `None` without --min-confidence, else whether the reading is below it (marked in the output).
 fn print_prediction(
     out: &mut impl Write,
     format: Format,
     path: &Path,
     p: &Prediction,
+    low: Option<bool>,
 ) -> std::io::Result<()> {
     match format {
         Format::Text => {
@@ -152,16 +169,20 @@ fn print_prediction(
             } else {
                 format!("{:.3e}", p.confidence)
             };
-            writeln!(out, "{}\t{}\t{conf}", path.display(), p.text)
+            let mark = if low == Some(true) { "\tlow" } else { "" };
+            writeln!(out, "{}\t{}\t{conf}{mark}", path.display(), p.text)
         }
         Format::Json => {
-            let obj = serde_json::json!({
+            let mut obj = serde_json::json!({
                 "path": path.display().to_string(),
                 "text": p.text,
                 "raw": p.raw,
                 "confidence": p.confidence,
                 "char_probs": p.char_probs,
             });
+            if let Some(low) = low {
+                obj["low_confidence"] = serde_json::json!(low);
+            }
             writeln!(out, "{obj}")
         }
     }
@@ -221,6 +242,7 @@ pub fn run(args: ReadArgs) -> anyhow::Result<ExitCode> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut failed = failures.len();
+    let mut dropped = 0usize;
     for chunk in paths.chunks(args.batch_size) {
         // Decode and preprocess the batch in parallel; a bad file is reported and skipped.
         let decoded: Vec<(PathBuf, Result<Vec<f32>, String>)> = chunk
@@ -258,7 +280,14 @@ pub fn run(args: ReadArgs) -> anyhow::Result<ExitCode> {
             let written = ok_paths
                 .iter()
                 .zip(&preds)
-                .try_for_each(|(path, p)| print_prediction(&mut out, args.format, path, p))
+                .try_for_each(|(path, p)| {
+                    let low = args.min_confidence.map(|min| p.confidence < min);
+                    if low == Some(true) && args.drop_low {
+                        dropped += 1;
+                        return Ok(());
+                    }
+                    print_prediction(&mut out, args.format, path, p, low)
+                })
                 .and_then(|()| out.flush());
             match written {
                 // The reader went away (`| head`): stop quietly like other Unix tools.
@@ -272,6 +301,9 @@ pub fn run(args: ReadArgs) -> anyhow::Result<ExitCode> {
         progress.inc(chunk.len() as u64);
     }
     progress.finish_and_clear();
+    if let (Some(min), true) = (args.min_confidence, dropped > 0) {
+        eprintln!("{dropped} reading(s) below confidence {min} left out");
+    }
     if failed > 0 {
         eprintln!("{failed} input(s) could not be read");
         Ok(ExitCode::from(1))
