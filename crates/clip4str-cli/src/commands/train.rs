@@ -170,9 +170,41 @@ fn replan(dir: &Path, max_steps: Option<usize>, val_interval: Option<usize>) -> 
     Ok(())
 }
 
+/// The model's size and how much of it trains, e.g. `model: 9.69 M parameters, 9.18 M trainable; input 32x128, ...`.
+fn model_line(trainer: &Trainer) -> String {
+    let store = trainer.params();
+    let trainable: usize = store.trainable().iter().map(|(_, v)| v.elem_count()).sum();
+    let total: usize = store.state_dict().values().map(|t| t.elem_count()).sum();
+    let cfg = trainer.model_config();
+    let millions = |n: usize| n as f64 / 1e6;
+    format!(
+        "model: {:.2} M parameters, {:.2} M trainable; input {}x{}, ViT {} wide x {} blocks, text encoder {} x {}, \
+         decoders {} wide",
+        millions(total),
+        millions(trainable),
+        cfg.vision.image_size[0],
+        cfg.vision.image_size[1],
+        cfg.vision.width,
+        cfg.vision.layers,
+        cfg.text.width,
+        cfg.text.layers,
+        cfg.decoder.dim
+    )
+}
+
 /// Runs `train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let device = args.device.open()?;
+    // Opening every dataset and building the model can take a while: say so before it starts.
+    eprintln!(
+        "{}: opening the datasets and building the model on {}",
+        if args.resume.is_some() {
+            "resuming"
+        } else {
+            "starting"
+        },
+        args.device
+    );
     let mut trainer = match (&args.resume, &args.config) {
         (Some(dir), _) => {
             if args.max_steps.is_some() || args.val_interval.is_some() {
@@ -240,6 +272,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         trainer.total_steps(),
         out_dir.display()
     );
+    eprintln!("{}", model_line(&trainer));
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::with_draw_target(
             Some(trainer.total_steps() as u64),
