@@ -61,7 +61,14 @@ pub(crate) fn load_model_file(
     input: &Path,
     config: Option<&serde_json::Value>,
 ) -> anyhow::Result<ModelFile> {
-    let raw = read_checkpoint(input)?;
+    check_model_file(read_checkpoint(input)?, config)
+}
+
+/// [`load_model_file`] for a checkpoint already read (e.g. a model named with `--model`).
+pub(crate) fn check_model_file(
+    raw: RawCheckpoint,
+    config: Option<&serde_json::Value>,
+) -> anyhow::Result<ModelFile> {
     let Identified { config, expected } = identify(&raw, config)?;
     Ok(ModelFile {
         raw,

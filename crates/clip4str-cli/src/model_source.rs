@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use clip4str::checkpoint::read_checkpoint_bytes;
+use clip4str::checkpoint::{read_checkpoint_bytes, RawCheckpoint};
 use clip4str::recognizer::{Precision as LibPrecision, Recognizer, RecognizerOptions};
 
 use crate::device::DeviceArg;
@@ -119,17 +119,25 @@ pub fn load_recognizer(args: &ModelArgs, opts: RecognizerOptions) -> anyhow::Res
     let Some(name) = &args.model else {
         return load_bundled(config.is_some(), opts);
     };
+    if matches!(registry::find(name)?.source, Source::Bundled) {
+        return load_bundled(config.is_some(), opts);
+    }
+    let raw = named_checkpoint(name, &args.hub_options())?;
+    Recognizer::from_raw(&raw, config.as_ref(), opts)
+        .with_context(|| format!("loading model {name:?} from {}", raw.path.display()))
+}
+
+/// The checkpoint a model name stands for (`clip4str models list`): the bundled file, or a released one from the
+/// Hugging Face cache, fetched there first unless the options say offline.
+pub fn named_checkpoint(name: &str, hub_options: &HubOptions) -> anyhow::Result<RawCheckpoint> {
     let entry = registry::find(name)?;
     match &entry.source {
-        Source::Bundled => load_bundled(config.is_some(), opts),
+        Source::Bundled => Ok(read_checkpoint_bytes(Path::new(BUNDLED_NAME), BUNDLED)?),
         Source::Hub(file) => {
-            let fetched = hub::fetch(file, entry.approx_bytes, &args.hub_options())
+            let fetched = hub::fetch(file, entry.approx_bytes, hub_options)
                 .with_context(|| format!("getting model {name:?}"))?;
-            let raw = hub::read_cached_checkpoint(&fetched.path)
-                .with_context(|| format!("loading model {name:?}"))?;
-            Recognizer::from_raw(&raw, config.as_ref(), opts).with_context(|| {
-                format!("loading model {name:?} from {}", fetched.path.display())
-            })
+            hub::read_cached_checkpoint(&fetched.path)
+                .with_context(|| format!("loading model {name:?}"))
         }
         Source::Manual { url, .. } => anyhow::bail!(
             "model {name:?} is not on the Hugging Face Hub; download it from {url} and pass --checkpoint FILE"

@@ -266,3 +266,37 @@ fn bad_weights_taken_outputs_and_broken_inputs_are_refused() {
         "tiny.ckpt (0.7500), tiny.ckpt (0.2500)"
     );
 }
+
+/// `convert --model small OUT` writes the bundled model (the name, not a path, is the input) and the file reads
+/// exactly like the bundled model; an input file beside --model, or a lone file without it, is a usage error.
+#[test]
+fn a_model_named_instead_of_a_file_converts() {
+    let dir = common::temp_dir("convert-model");
+    let out_file = dir.join("small.safetensors");
+    let out = clip4str(&["convert", "--model", "small", path_str(&out_file)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(metadata(&out_file)["converted_from"], "model small");
+    let examples = root().join("examples/images");
+    let read = |extra: &[&str]| {
+        let mut args = vec!["read", "--format", "json"];
+        args.extend_from_slice(extra);
+        args.push(path_str(&examples));
+        let out = clip4str(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    // f16 weights widened to f32 are the same numbers: the bundled model's output, byte for byte.
+    assert_eq!(read(&["--checkpoint", path_str(&out_file)]), read(&[]));
+
+    let both = clip4str(&["convert", "--model", "small", "in.pt", "out.safetensors"]);
+    assert_eq!(both.status.code(), Some(2));
+    assert!(
+        stderr(&both).contains("give only the OUTPUT file"),
+        "{}",
+        stderr(&both)
+    );
+    let lone = clip4str(&["convert", "out.safetensors"]);
+    assert_eq!(lone.status.code(), Some(2));
+    assert!(stderr(&lone).contains("INPUT OUTPUT"), "{}", stderr(&lone));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -8,42 +8,73 @@ use anyhow::Context;
 use clap::Args;
 use clip4str::preprocess::Normalization;
 
-use crate::model_file::{check_output, load_model_file, write_model_file, ModelFile, WriteArgs};
-use crate::model_source::load_config;
+use crate::hub::HubOptions;
+use crate::model_file::{
+    check_model_file, check_output, load_model_file, write_model_file, ModelFile, WriteArgs,
+};
+use crate::model_source::{load_config, named_checkpoint};
 
 /// Arguments of `clip4str convert`.
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
-    /// Checkpoint to convert: Lightning `.ckpt`, `.pt` state dict, or safetensors.
-    pub input: PathBuf,
-    /// Output safetensors file.
-    pub output: PathBuf,
+    /// `INPUT OUTPUT`: the checkpoint to convert (Lightning `.ckpt`, `.pt` state dict, or safetensors) and the
+    /// safetensors file to write; with --model, only `OUTPUT`.
+    #[arg(required = true, num_args = 1..=2, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Convert a model by name instead of a file (`clip4str models list`): `small` is the bundled one, a
+    /// released one comes from the Hugging Face cache (downloaded there first unless --offline).
+    #[arg(long, value_name = "NAME")]
+    pub model: Option<String>,
+    /// With --model: never download (also HF_HUB_OFFLINE=1).
+    #[arg(long, requires = "model")]
+    pub offline: bool,
     #[command(flatten)]
     pub write: WriteArgs,
 }
 
 /// Runs `convert`.
 pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
-    check_output(
-        &args.output,
-        std::slice::from_ref(&args.input),
-        args.write.force,
-    )?;
+    let (input, output) = match (&args.model, args.files.as_slice()) {
+        (None, [input, output]) => (Some(input.clone()), output.clone()),
+        (Some(_), [output]) => (None, output.clone()),
+        (None, _) => anyhow::bail!("give INPUT OUTPUT, or --model NAME OUTPUT"),
+        (Some(name), _) => {
+            anyhow::bail!("--model {name} names the input: give only the OUTPUT file")
+        }
+    };
+    let inputs: Vec<PathBuf> = input.iter().cloned().collect();
+    check_output(&output, &inputs, args.write.force)?;
     let config = load_config(args.write.config.as_deref())?;
-    let ModelFile { raw, cfg, expected } = load_model_file(&args.input, config.as_ref())?;
+    let (ModelFile { raw, cfg, expected }, source) = match (&input, &args.model) {
+        (Some(input), _) => (
+            load_model_file(input, config.as_ref())?,
+            input.file_name().map_or_else(
+                || input.display().to_string(),
+                |name| name.to_string_lossy().into_owned(),
+            ),
+        ),
+        (None, Some(name)) => {
+            let hub = HubOptions {
+                offline: args.offline,
+                endpoint: None,
+            };
+            let raw = named_checkpoint(name, &hub)?;
+            (
+                check_model_file(raw, config.as_ref())?,
+                format!("model {name}"),
+            )
+        }
+        (None, None) => unreachable!("checked above"),
+    };
     let mut tensors = Vec::with_capacity(expected.len());
     for (name, _) in &expected {
         let t = raw
             .get(name)
-            .with_context(|| format!("{}: tensor {name} vanished", args.input.display()))?;
+            .with_context(|| format!("{}: tensor {name} vanished", raw.path.display()))?;
         tensors.push((name.clone(), t.clone()));
     }
-    let source = args.input.file_name().map_or_else(
-        || args.input.display().to_string(),
-        |name| name.to_string_lossy().into_owned(),
-    );
     write_model_file(
-        &args.output,
+        &output,
         &cfg,
         tensors,
         args.write.dtype.dtype(),
