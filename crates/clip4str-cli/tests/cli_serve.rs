@@ -301,6 +301,57 @@ fn options_match_cli_read() {
         &cli_read(&all, &paths[..1])[0],
         "form fields",
     );
+
+    // `min_confidence` marks results as `read --min-confidence` does, by query or JSON field; without it there is
+    // no mark at all.
+    let mut confidences: Vec<f64> = cli_read(&all, &paths)
+        .iter()
+        .map(|r| r["confidence"].as_f64().expect("confidence"))
+        .collect();
+    confidences.sort_by(f64::total_cmp);
+    let min = (confidences[0] + confidences[confidences.len() - 1]) / 2.0;
+    let mut flags = model.clone();
+    flags.extend([
+        "--min-confidence".to_string(),
+        format!("{min}"),
+        "--cased".into(),
+        "--punctuation".into(),
+    ]);
+    let marked_by_cli = cli_read(&flags, &paths);
+    let images: Vec<String> = paths.iter().map(|p| base64(&read_file(p))).collect();
+    let reply = post_json(
+        &server.url("/v1/read"),
+        &serde_json::json!({ "images": images, "min_confidence": min, "cased": true, "punctuation": true }),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let answer = reply.json();
+    let marks: Vec<bool> = answer["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["low_confidence"].as_bool().expect("a mark"))
+        .collect();
+    let cli_marks: Vec<bool> = marked_by_cli
+        .iter()
+        .map(|r| r["low_confidence"].as_bool().expect("a mark"))
+        .collect();
+    assert_eq!(marks, cli_marks);
+    assert!(marks.contains(&true) && marks.contains(&false), "{marks:?}");
+    let reply = post(
+        &server.url(&format!("/v1/read?min_confidence={min}")),
+        Some(&content_type),
+        &body,
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(reply.json()["results"][0]["low_confidence"].is_boolean());
+    let plain = post(&server.url("/v1/read"), Some(&content_type), &body).json();
+    assert!(plain["results"][0].get("low_confidence").is_none());
+    let bad = post(
+        &server.url("/v1/read?min_confidence=2"),
+        Some(&content_type),
+        &body,
+    );
+    assert_eq!(bad.status, 400, "{}", bad.body);
 }
 
 /// An image's answer does not depend on what else is in its model batch: alone, in one request with others,

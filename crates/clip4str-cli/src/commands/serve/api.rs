@@ -236,6 +236,7 @@ async fn read_images(
     };
     let kind = BodyKind::from_content_type(content_type)?;
     let uploads = parse_body(kind, body, &mut options).await?;
+    let min_confidence = options.min_confidence();
     let options = options.finish();
     let received = started.elapsed();
 
@@ -286,7 +287,11 @@ async fn read_images(
                     name: name.clone(),
                 })
             })?;
-        results.push(result_json(index, name, recognized));
+        let mut result = result_json(index, name, recognized);
+        if let (Some(min), Some(confidence)) = (min_confidence, result["confidence"].as_f64()) {
+            result["low_confidence"] = serde_json::json!(confidence < f64::from(min));
+        }
+        results.push(result);
     }
     let body = serde_json::json!({
         "results": results,

@@ -28,12 +28,26 @@ pub struct Upload {
 pub struct OptionSet {
     cased: Option<bool>,
     punctuation: Option<bool>,
+    min_confidence: Option<f32>,
 }
 
+/// Every option a request may set, for messages.
+const OPTIONS: &str = "cased, punctuation, min_confidence";
+
 impl OptionSet {
-    /// Sets option `name` from a textual value (`true/false`, `1/0`, `yes/no`, `on/off`; empty means true).
+    /// Sets option `name` from a textual value (`true/false`, `1/0`, `yes/no`, `on/off`; empty means true; a
+    /// number from 0 to 1 for `min_confidence`).
     pub fn set_text(&mut self, name: &str, value: &str) -> Result<(), ApiError> {
         Self::check_name(name)?;
+        if name == "min_confidence" {
+            return match value.trim().parse::<f32>() {
+                Ok(x) if (0.0..=1.0).contains(&x) => self.set_min_confidence(x),
+                _ => Err(ApiError::bad_request(
+                    "bad_option",
+                    format!("option `min_confidence` must be a number from 0 to 1, not {value:?}"),
+                )),
+            };
+        }
         let parsed = match value.trim().to_ascii_lowercase().as_str() {
             "" | "true" | "1" | "yes" | "on" => true,
             "false" | "0" | "no" | "off" => false,
@@ -49,10 +63,10 @@ impl OptionSet {
 
     fn check_name(name: &str) -> Result<(), ApiError> {
         match name {
-            "cased" | "punctuation" => Ok(()),
+            "cased" | "punctuation" | "min_confidence" => Ok(()),
             _ => Err(ApiError::bad_request(
                 "unknown_option",
-                format!("unknown option `{name}` (known: cased, punctuation)"),
+                format!("unknown option `{name}` (known: {OPTIONS})"),
             )),
         }
     }
@@ -60,6 +74,9 @@ impl OptionSet {
     /// Sets option `name` from a JSON value (a boolean, or a string as in [`Self::set_text`]).
     fn set_json(&mut self, name: &str, value: &serde_json::Value) -> Result<(), ApiError> {
         Self::check_name(name)?;
+        if let (Some(x), "min_confidence") = (value.as_f64(), name) {
+            return self.set_text(name, &x.to_string());
+        }
         match value {
             serde_json::Value::Bool(b) => self.set(name, *b),
             serde_json::Value::String(s) => self.set_text(name, s),
@@ -77,7 +94,7 @@ impl OptionSet {
             _ => {
                 return Err(ApiError::bad_request(
                     "unknown_option",
-                    format!("unknown option `{name}` (known: cased, punctuation)"),
+                    format!("unknown option `{name}` (known: {OPTIONS})"),
                 ))
             }
         };
@@ -91,6 +108,24 @@ impl OptionSet {
                 Ok(())
             }
         }
+    }
+
+    fn set_min_confidence(&mut self, value: f32) -> Result<(), ApiError> {
+        match self.min_confidence {
+            Some(previous) if previous != value => Err(ApiError::bad_request(
+                "conflicting_option",
+                format!("option `min_confidence` is given both as {previous} and as {value}"),
+            )),
+            _ => {
+                self.min_confidence = Some(value);
+                Ok(())
+            }
+        }
+    }
+
+    /// The threshold below which results are marked `"low_confidence": true`, like `read --min-confidence`.
+    pub fn min_confidence(&self) -> Option<f32> {
+        self.min_confidence
     }
 
     /// The options, unset ones false (the defaults of `clip4str read`).
@@ -203,11 +238,11 @@ fn parse_json(body: &[u8], options: &mut OptionSet) -> Result<Vec<Upload>, ApiEr
     for (name, value) in &fields {
         match name.as_str() {
             "images" => images = Some(value),
-            "cased" | "punctuation" => options.set_json(name, value)?,
+            "cased" | "punctuation" | "min_confidence" => options.set_json(name, value)?,
             _ => {
                 return Err(ApiError::bad_request(
                     "bad_json",
-                    format!("unknown field `{name}` (known: images, cased, punctuation)"),
+                    format!("unknown field `{name}` (known: images, {OPTIONS})"),
                 ))
             }
         }
@@ -261,7 +296,7 @@ fn decode_base64(text: &str) -> Result<Vec<u8>, base64::DecodeError> {
     }
 }
 
-/// Every part is an image except text fields named like an option (`cased`, `punctuation`).
+/// Every part is an image except text fields named like an option (`cased`, `punctuation`, `min_confidence`).
 async fn parse_multipart(
     body: Bytes,
     boundary: String,
@@ -276,7 +311,9 @@ async fn parse_multipart(
     while let Some(field) = multipart.next_field().await.map_err(bad)? {
         let name = field.name().map(str::to_owned);
         let file_name = field.file_name().map(str::to_owned);
-        if let (None, Some(option @ ("cased" | "punctuation"))) = (&file_name, name.as_deref()) {
+        if let (None, Some(option @ ("cased" | "punctuation" | "min_confidence"))) =
+            (&file_name, name.as_deref())
+        {
             let option = option.to_owned();
             let value = field.text().await.map_err(bad)?;
             options.set_text(&option, &value)?;
@@ -325,6 +362,24 @@ mod tests {
             o.set_text("cased", "maybe").map_err(|e| e.kind).err(),
             Some("bad_option")
         );
+        parse_query(Some("min_confidence=0.25"), &mut o).expect("a threshold");
+        assert_eq!(o.min_confidence(), Some(0.25));
+        assert!(o
+            .set_json("min_confidence", &serde_json::json!(0.25))
+            .is_ok());
+        for (value, kind) in [
+            ("0.5", "conflicting_option"),
+            ("1.5", "bad_option"),
+            ("x", "bad_option"),
+        ] {
+            assert_eq!(
+                o.set_text("min_confidence", value)
+                    .map_err(|e| e.kind)
+                    .err(),
+                Some(kind),
+                "{value}"
+            );
+        }
         assert_eq!(
             o.set_text("colour", "1").map_err(|e| e.kind).err(),
             Some("unknown_option")
