@@ -150,6 +150,13 @@ pub enum LoadError {
     /// The file's settings or the caller's request cannot be used.
     #[error("checkpoint {}: {reason}", .path.display())]
     Config { path: PathBuf, reason: String },
+    /// The model configuration its tensors (and hyper-parameters, and the caller's override) describe does not
+    /// hold together; the cause is printed, not returned as a source.
+    #[error("checkpoint {}: {error}", .path.display())]
+    ModelConfig {
+        path: PathBuf,
+        error: crate::config::ConfigError,
+    },
     /// candle failed while building a tensor.
     #[error("checkpoint {}: tensor operation failed: {error}", .path.display())]
     Tensor {

@@ -133,9 +133,9 @@ pub fn identify(
                 raw.hyper_parameters.as_ref(),
                 config_override,
             )
-            .map_err(|source| LoadError::Config {
+            .map_err(|error| LoadError::ModelConfig {
                 path: raw.path.clone(),
-                reason: source.to_string(),
+                error,
             })?,
         ),
     };
@@ -313,10 +313,22 @@ mod tests {
         // Anything else is read as CLIP4STR, whose shape inference then names what is missing.
         let other = raw(&["conv.weight"]);
         assert_eq!(ModelFamily::detect(&other).unwrap(), ModelFamily::Clip4Str);
-        let err = identify(&other, None).unwrap_err().to_string();
+        let err = identify(&other, None).unwrap_err();
         assert!(
-            err.contains("clip_model.visual.conv1.weight is missing"),
+            err.to_string()
+                .contains("x.safetensors: tensor clip_model.visual.conv1.weight is missing"),
             "{err}"
+        );
+        // The configuration error stays an enum for library users.
+        assert!(
+            matches!(
+                &err,
+                LoadError::ModelConfig {
+                    error: crate::config::ConfigError::MissingTensor { name },
+                    ..
+                } if name == "clip_model.visual.conv1.weight"
+            ),
+            "{err:?}"
         );
     }
 }

@@ -32,28 +32,37 @@ pub struct ConvertArgs {
     pub write: WriteArgs,
 }
 
+/// What `convert` reads: a checkpoint file, or a model by name.
+enum Input {
+    File(PathBuf),
+    Model(String),
+}
+
 /// Runs `convert`.
 pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
     let (input, output) = match (&args.model, args.files.as_slice()) {
-        (None, [input, output]) => (Some(input.clone()), output.clone()),
-        (Some(_), [output]) => (None, output.clone()),
+        (None, [input, output]) => (Input::File(input.clone()), output.clone()),
+        (Some(name), [output]) => (Input::Model(name.clone()), output.clone()),
         (None, _) => anyhow::bail!("give INPUT OUTPUT, or --model NAME OUTPUT"),
         (Some(name), _) => {
             anyhow::bail!("--model {name} names the input: give only the OUTPUT file")
         }
     };
-    let inputs: Vec<PathBuf> = input.iter().cloned().collect();
+    let inputs: Vec<PathBuf> = match &input {
+        Input::File(path) => vec![path.clone()],
+        Input::Model(_) => Vec::new(),
+    };
     check_output(&output, &inputs, args.write.force)?;
     let config = load_config(args.write.config.as_deref())?;
-    let (ModelFile { raw, cfg, expected }, source) = match (&input, &args.model) {
-        (Some(input), _) => (
-            load_model_file(input, config.as_ref())?,
-            input.file_name().map_or_else(
-                || input.display().to_string(),
+    let (ModelFile { raw, cfg, expected }, source) = match &input {
+        Input::File(path) => (
+            load_model_file(path, config.as_ref())?,
+            path.file_name().map_or_else(
+                || path.display().to_string(),
                 |name| name.to_string_lossy().into_owned(),
             ),
         ),
-        (None, Some(name)) => {
+        Input::Model(name) => {
             let hub = HubOptions {
                 offline: args.offline,
                 endpoint: None,
@@ -64,7 +73,6 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
                 format!("model {name}"),
             )
         }
-        (None, None) => unreachable!("checked above"),
     };
     let mut tensors = Vec::with_capacity(expected.len());
     for (name, _) in &expected {

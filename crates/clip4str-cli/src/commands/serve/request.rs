@@ -40,13 +40,8 @@ impl OptionSet {
     pub fn set_text(&mut self, name: &str, value: &str) -> Result<(), ApiError> {
         Self::check_name(name)?;
         if name == "min_confidence" {
-            return match value.trim().parse::<f32>() {
-                Ok(x) if (0.0..=1.0).contains(&x) => self.set_min_confidence(x),
-                _ => Err(ApiError::bad_request(
-                    "bad_option",
-                    format!("option `min_confidence` must be a number from 0 to 1, not {value:?}"),
-                )),
-            };
+            return self
+                .set_min_confidence(value.trim().parse::<f32>().ok(), &format!("{value:?}"));
         }
         let parsed = match value.trim().to_ascii_lowercase().as_str() {
             "" | "true" | "1" | "yes" | "on" => true,
@@ -71,11 +66,17 @@ impl OptionSet {
         }
     }
 
-    /// Sets option `name` from a JSON value (a boolean, or a string as in [`Self::set_text`]).
+    /// Sets option `name` from a JSON value (a boolean, or a string as in [`Self::set_text`]; a number for
+    /// `min_confidence`).
     fn set_json(&mut self, name: &str, value: &serde_json::Value) -> Result<(), ApiError> {
         Self::check_name(name)?;
-        if let (Some(x), "min_confidence") = (value.as_f64(), name) {
-            return self.set_text(name, &x.to_string());
+        if name == "min_confidence" {
+            return match value {
+                serde_json::Value::String(s) => self.set_text(name, s),
+                other => {
+                    self.set_min_confidence(other.as_f64().map(|x| x as f32), &other.to_string())
+                }
+            };
         }
         match value {
             serde_json::Value::Bool(b) => self.set(name, *b),
@@ -110,7 +111,14 @@ impl OptionSet {
         }
     }
 
-    fn set_min_confidence(&mut self, value: f32) -> Result<(), ApiError> {
+    /// `value` is the parsed threshold, if it parsed; `shown` is what the client sent, for the message.
+    fn set_min_confidence(&mut self, value: Option<f32>, shown: &str) -> Result<(), ApiError> {
+        let Some(value) = value.filter(|x| (0.0..=1.0).contains(x)) else {
+            return Err(ApiError::bad_request(
+                "bad_option",
+                format!("option `min_confidence` must be a number from 0 to 1, not {shown}"),
+            ));
+        };
         match self.min_confidence {
             Some(previous) if previous != value => Err(ApiError::bad_request(
                 "conflicting_option",
@@ -367,6 +375,13 @@ mod tests {
         assert!(o
             .set_json("min_confidence", &serde_json::json!(0.25))
             .is_ok());
+        // A boolean is a bad value, not an unknown option.
+        assert_eq!(
+            o.set_json("min_confidence", &serde_json::json!(true))
+                .map_err(|e| e.kind)
+                .err(),
+            Some("bad_option")
+        );
         for (value, kind) in [
             ("0.5", "conflicting_option"),
             ("1.5", "bad_option"),
