@@ -298,13 +298,56 @@ fn page_reads_uploaded_images_like_the_api() {
         assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
     }
 
+    // A partly readable upload: the two good images are read, the broken one shows its reason, and the status
+    // line says the request was partly served (the page used to show only the error).
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("serve_page");
+    std::fs::create_dir_all(&dir).expect("artefact folder");
+    let broken = dir.join("broken.png");
+    let whole = std::fs::read(&files[0]).expect("image");
+    std::fs::write(&broken, &whole[..whole.len() / 2]).expect("write the broken image");
+    let mixed = [
+        absolute[0].clone(),
+        broken.display().to_string(),
+        absolute[1].clone(),
+    ];
+    page.eval("document.getElementById('status').dataset.state = 'idle'");
+    page.call(
+        "DOM.setFileInputFiles",
+        json!({ "nodeId": input["nodeId"], "files": mixed }),
+    );
+    page.wait_for(
+        "['done', 'error', 'partial'].includes(document.getElementById('status').dataset.state)",
+        Duration::from_secs(60),
+    );
+    let status = page.eval("document.getElementById('status').dataset.state + ': ' + document.getElementById('status').textContent");
+    assert!(
+        status
+            .as_str()
+            .is_some_and(|s| s.starts_with("partial") && s.contains("2 of 3")),
+        "{status}"
+    );
+    let cards = page.eval(
+        "Array.from(document.querySelectorAll('.result')).map(r => ({ \
+            text: r.querySelector('.text') ? r.querySelector('.text').textContent : null, \
+            error: r.querySelector('.error') ? r.querySelector('.error').textContent : null }))",
+    );
+    let cards = cards.as_array().expect("cards").clone();
+    assert_eq!(cards.len(), 3, "{cards:?}");
+    assert_eq!(cards[0]["text"], api_text[0], "{cards:?}");
+    assert_eq!(cards[2]["text"], api_text[1], "{cards:?}");
+    assert!(cards[1]["text"].is_null(), "{cards:?}");
+    assert!(
+        cards[1]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("broken.png") && e.contains("truncated")),
+        "{cards:?}"
+    );
+
     let screenshot = page.call("Page.captureScreenshot", json!({ "format": "png" }));
     let png = base64::engine::general_purpose::STANDARD
         .decode(screenshot["data"].as_str().expect("screenshot data"))
         .expect("screenshot base64");
     assert!(png.starts_with(b"\x89PNG"));
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("serve_page");
-    std::fs::create_dir_all(&dir).expect("artefact folder");
     let path = dir.join("page.png");
     std::fs::write(&path, &png).expect("write the screenshot");
     println!("page showed {api_text:?}; screenshot: {}", path.display());

@@ -17,7 +17,7 @@ use http_body_util::BodyExt;
 use tokio::sync::Semaphore;
 
 use super::batcher::{Batcher, Job, Recognized, Refused};
-use super::error::{ApiError, ErrorKind, FileRef};
+use super::error::{ApiError, ErrorKind, FileRef, ImageErrors, PerImage};
 use super::metrics::Metrics;
 use super::request::{parse_body, parse_query, BodyKind, OptionSet, Upload};
 
@@ -93,7 +93,12 @@ async fn track(State(app): State<Arc<AppState>>, request: Request, next: Next) -
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
     let kind = response.extensions().get::<ErrorKind>().map(|k| k.0);
-    app.metrics.record_request(endpoint, status, elapsed, kind);
+    let mut kinds: Vec<&'static str> = kind.into_iter().collect();
+    if let Some(images) = response.extensions().get::<ImageErrors>() {
+        kinds.extend(&images.0);
+    }
+    app.metrics
+        .record_request(endpoint, status, elapsed, &kinds);
     let ms = (elapsed.as_secs_f64() * 1e5).round() / 1e2;
     match kind {
         Some(error) => tracing::info!(%method, path, status, ms, error, "request"),
@@ -253,13 +258,23 @@ async fn read_images(
         decode_all(&decoder, uploads, max_pixels)
     })
     .await
-    .map_err(|_| ApiError::internal("image decoding failed unexpectedly"))??;
+    .map_err(|_| ApiError::internal("image decoding failed unexpectedly"))?;
     let decoded = decode_started.elapsed();
 
-    let (jobs, replies): (Vec<Job>, Vec<_>) = inputs
-        .into_iter()
-        .map(|input| Job::new(input, options))
-        .unzip();
+    // Only the readable images go to the model; each bad one is answered in its place.
+    let mut jobs = Vec::new();
+    let mut pending = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        pending.push(input.map(|input| {
+            let (job, reply) = Job::new(input, options);
+            jobs.push(job);
+            reply
+        }));
+    }
+    if pending.iter().all(Result::is_err) {
+        return Err(none_readable(pending, &names));
+    }
+    let submitted = jobs.len();
     batcher.submit(jobs).map_err(|refused| match refused {
         Refused::Full => ApiError::unavailable(
             "queue_full",
@@ -269,32 +284,47 @@ async fn read_images(
         Refused::TooMany { capacity } => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_many_images",
-            format!(
-                "the request holds {} images, more than the queue's {capacity}",
-                names.len()
-            ),
+            format!("the request holds {submitted} images, more than the queue's {capacity}"),
         ),
         Refused::Closed => ApiError::unavailable("shutting_down", "the server is shutting down", 1),
     })?;
-    let mut results = Vec::with_capacity(replies.len());
-    for (index, (reply, name)) in replies.into_iter().zip(&names).enumerate() {
-        let recognized = reply
-            .await
-            .map_err(|_| ApiError::internal("the model worker stopped"))?
-            .map_err(|reason| {
-                ApiError::internal(format!("the model failed: {reason}")).for_file(FileRef {
-                    index,
-                    name: name.clone(),
-                })
-            })?;
-        let mut result = result_json(index, name, recognized);
-        if let (Some(min), Some(confidence)) = (min_confidence, result["confidence"].as_f64()) {
-            result["low_confidence"] = serde_json::json!(confidence < f64::from(min));
-        }
+    let mut results = Vec::with_capacity(pending.len());
+    let mut image_errors = Vec::new();
+    for (index, (reply, name)) in pending.into_iter().zip(&names).enumerate() {
+        let file = FileRef {
+            index,
+            name: name.clone(),
+        };
+        let recognized = match reply {
+            Ok(reply) => reply
+                .await
+                .map_err(|_| ApiError::internal("the model worker stopped"))?
+                .map_err(|reason| {
+                    ApiError::internal(format!("the model failed: {reason}")).for_file(file)
+                }),
+            Err(error) => Err(error),
+        };
+        let result = match recognized {
+            Ok(recognized) => {
+                let mut result = result_json(index, name, recognized);
+                if let (Some(min), Some(confidence)) =
+                    (min_confidence, result["confidence"].as_f64())
+                {
+                    result["low_confidence"] = serde_json::json!(confidence < f64::from(min));
+                }
+                result
+            }
+            Err(error) => {
+                image_errors.push(error.kind);
+                failed_json(index, name, &error)
+            }
+        };
         results.push(result);
     }
     let body = serde_json::json!({
         "results": results,
+        "read": results.len() - image_errors.len(),
+        "failed": image_errors.len(),
         "options": options,
         "timing_ms": {
             "receive": millis(received),
@@ -302,7 +332,58 @@ async fn read_images(
             "total": millis(started.elapsed()),
         },
     });
-    Ok(json_response(StatusCode::OK, &body))
+    if image_errors.is_empty() {
+        return Ok(json_response(StatusCode::OK, &body));
+    }
+    // 207 Multi-Status: the request was partly served; each entry of `results` has its own outcome.
+    let mut response = json_response(StatusCode::MULTI_STATUS, &body);
+    response.extensions_mut().insert(ImageErrors(image_errors));
+    Ok(response)
+}
+
+/// A request none of whose images can be read. One image: its own error, as it always was. Several: a
+/// `no_readable_image` error (with the images' common status, else 400) that lists each image's reason in
+/// `results`, as a partly served request would.
+fn none_readable<T>(pending: Vec<Result<T, ApiError>>, names: &[String]) -> ApiError {
+    let mut errors: Vec<ApiError> = pending.into_iter().filter_map(Result::err).collect();
+    if errors.len() == 1 {
+        if let Some(error) = errors.pop() {
+            return error;
+        }
+    }
+    let status = match errors.first() {
+        Some(first) if errors.iter().all(|e| e.status == first.status) => first.status,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    let results = errors
+        .iter()
+        .zip(names)
+        .enumerate()
+        .map(|(index, (error, name))| failed_json(index, name, error))
+        .collect();
+    ApiError {
+        per_image: Some(Box::new(PerImage {
+            results,
+            kinds: errors.iter().map(|e| e.kind).collect(),
+        })),
+        ..ApiError::new(
+            status,
+            "no_readable_image",
+            format!(
+                "none of the request's {} images could be read (see `results` for each)",
+                errors.len()
+            ),
+        )
+    }
+}
+
+/// One image's failure, in the place its result would have taken.
+fn failed_json(index: usize, name: &str, error: &ApiError) -> serde_json::Value {
+    serde_json::json!({
+        "index": index,
+        "file": name,
+        "error": { "kind": error.kind, "message": error.message, "status": error.status.as_u16() },
+    })
 }
 
 fn millis(d: Duration) -> f64 {
@@ -326,17 +407,18 @@ fn result_json(index: usize, name: &str, r: Recognized) -> serde_json::Value {
     })
 }
 
-/// Decodes and preprocesses a request's images (on a blocking thread), stopping at the first bad one.
+/// Decodes and preprocesses a request's images (on a blocking thread); a bad image gives its own error.
 fn decode_all(
     batcher: &Batcher,
     uploads: Vec<Upload>,
     max_pixels: u64,
-) -> Result<Vec<Vec<f32>>, ApiError> {
+) -> Vec<Result<Vec<f32>, ApiError>> {
     uploads
         .into_iter()
         .enumerate()
         .map(|(index, upload)| {
-            let image = decode_rgb_limited(&upload.bytes, max_pixels).map_err(|e| {
+            let bytes = upload.bytes?;
+            let image = decode_rgb_limited(&bytes, max_pixels).map_err(|e| {
                 ApiError::from_image(
                     &e,
                     FileRef {

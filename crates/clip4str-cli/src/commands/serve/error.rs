@@ -19,6 +19,11 @@ pub struct FileRef {
 #[derive(Debug, Clone, Copy)]
 pub struct ErrorKind(pub &'static str);
 
+/// Marks a response with the kinds of its bad images (a partly served request, or one with no readable
+/// image), so that the metrics count each.
+#[derive(Debug, Clone)]
+pub struct ImageErrors(pub Vec<&'static str>);
+
 /// An error answer of the API.
 #[derive(Debug)]
 pub struct ApiError {
@@ -32,6 +37,18 @@ pub struct ApiError {
     pub file: Option<FileRef>,
     /// Seconds after which a retry may succeed (sent as `Retry-After`).
     pub retry_after_s: Option<u32>,
+    /// Each image's failure, when the error is that none of several images could be read (boxed: errors
+    /// travel in every `Result` of the request parsing).
+    pub per_image: Option<Box<PerImage>>,
+}
+
+/// The images of a request that failed one by one.
+#[derive(Debug)]
+pub struct PerImage {
+    /// One error entry per image, as in a partly served request's `results`.
+    pub results: Vec<serde_json::Value>,
+    /// Their kinds, for the metrics.
+    pub kinds: Vec<&'static str>,
 }
 
 impl ApiError {
@@ -43,6 +60,7 @@ impl ApiError {
             message: message.into(),
             file: None,
             retry_after_s: None,
+            per_image: None,
         }
     }
 
@@ -99,7 +117,15 @@ impl IntoResponse for ApiError {
         if let Some(file) = &self.file {
             error["file"] = serde_json::json!(file);
         }
-        let body = serde_json::json!({ "error": error }).to_string();
+        let mut body = serde_json::json!({ "error": error });
+        let mut image_errors = None;
+        if let Some(per_image) = self.per_image {
+            body["read"] = serde_json::json!(0);
+            body["failed"] = serde_json::json!(per_image.results.len());
+            body["results"] = serde_json::Value::Array(per_image.results);
+            image_errors = Some(ImageErrors(per_image.kinds));
+        }
+        let body = body.to_string();
         let mut response = (
             self.status,
             [(header::CONTENT_TYPE, "application/json")],
@@ -118,6 +144,9 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response.extensions_mut().insert(ErrorKind(self.kind));
+        if let Some(image_errors) = image_errors {
+            response.extensions_mut().insert(image_errors);
+        }
         response
     }
 }

@@ -110,7 +110,7 @@ impl Metrics {
         endpoint: &'static str,
         status: u16,
         elapsed: Duration,
-        error_kind: Option<&'static str>,
+        error_kinds: &[&'static str],
     ) {
         *self
             .requests
@@ -118,13 +118,11 @@ impl Metrics {
             .unwrap_or_else(PoisonError::into_inner)
             .entry((endpoint, status))
             .or_default() += 1;
-        if let Some(kind) = error_kind {
-            *self
-                .errors
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .entry(kind)
-                .or_default() += 1;
+        if !error_kinds.is_empty() {
+            let mut errors = self.errors.lock().unwrap_or_else(PoisonError::into_inner);
+            for kind in error_kinds {
+                *errors.entry(*kind).or_default() += 1;
+            }
         }
         if endpoint == "/v1/read" {
             self.read_seconds.observe(elapsed.as_secs_f64());
@@ -166,7 +164,7 @@ impl Metrics {
                 "clip4str_http_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}"
             );
         }
-        out.push_str("# HELP clip4str_errors_total Error responses, by error kind.\n");
+        out.push_str("# HELP clip4str_errors_total Errors by kind: error responses, and each bad image of a request.\n");
         out.push_str("# TYPE clip4str_errors_total counter\n");
         for (kind, n) in self
             .errors
@@ -237,19 +235,26 @@ mod tests {
     #[test]
     fn requests_and_errors_are_labelled() {
         let m = Metrics::default();
-        m.record_request("/v1/read", 200, Duration::from_millis(3), None);
+        m.record_request("/v1/read", 200, Duration::from_millis(3), &[]);
         m.record_request(
             "/v1/read",
             400,
             Duration::from_millis(1),
-            Some("corrupt_image"),
+            &["corrupt_image"],
         );
-        m.record_request("/healthz", 200, Duration::ZERO, None);
+        m.record_request(
+            "/v1/read",
+            207,
+            Duration::from_millis(1),
+            &["corrupt_image", "bad_base64"],
+        );
+        m.record_request("/healthz", 200, Duration::ZERO, &[]);
         let text = m.render();
         assert!(
             text.contains("clip4str_http_requests_total{endpoint=\"/v1/read\",status=\"200\"} 1\n")
         );
-        assert!(text.contains("clip4str_errors_total{kind=\"corrupt_image\"} 1\n"));
-        assert!(text.contains("clip4str_read_duration_seconds_count 2\n"));
+        assert!(text.contains("clip4str_errors_total{kind=\"corrupt_image\"} 2\n"));
+        assert!(text.contains("clip4str_errors_total{kind=\"bad_base64\"} 1\n"));
+        assert!(text.contains("clip4str_read_duration_seconds_count 3\n"));
     }
 }

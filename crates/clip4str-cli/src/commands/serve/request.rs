@@ -18,8 +18,9 @@ use super::error::{ApiError, FileRef};
 pub struct Upload {
     /// How errors and results refer to it (file name, field name, `images[i]` or `body`).
     pub name: String,
-    /// The encoded image.
-    pub bytes: Bytes,
+    /// The encoded image, or why the request could not carry it (bad base64): a problem of this image alone,
+    /// answered in its place while the others are read.
+    pub bytes: Result<Bytes, ApiError>,
 }
 
 /// The read options of a request as they are gathered from the query string and the body; an option given
@@ -211,7 +212,7 @@ pub async fn parse_body(
             }
             vec![Upload {
                 name: "body".to_owned(),
-                bytes: body,
+                bytes: Ok(body),
             }]
         }
         BodyKind::Json => parse_json(&body, options)?,
@@ -261,7 +262,7 @@ fn parse_json(body: &[u8], options: &mut OptionSet) -> Result<Vec<Upload>, ApiEr
             "the JSON body needs `images`: an array of base64 strings",
         ));
     };
-    images
+    Ok(images
         .iter()
         .enumerate()
         .map(|(index, image)| {
@@ -270,20 +271,20 @@ fn parse_json(body: &[u8], options: &mut OptionSet) -> Result<Vec<Upload>, ApiEr
                 index,
                 name: name.clone(),
             };
-            let serde_json::Value::String(text) = image else {
-                return Err(
+            let bytes = match image {
+                serde_json::Value::String(text) => {
+                    decode_base64(text).map(Bytes::from).map_err(|e| {
+                        ApiError::bad_request("bad_base64", format!("invalid base64: {e}"))
+                            .for_file(file)
+                    })
+                }
+                _ => Err(
                     ApiError::bad_request("bad_json", "expected a base64 string").for_file(file),
-                );
+                ),
             };
-            let bytes = decode_base64(text).map_err(|e| {
-                ApiError::bad_request("bad_base64", format!("invalid base64: {e}")).for_file(file)
-            })?;
-            Ok(Upload {
-                name,
-                bytes: Bytes::from(bytes),
-            })
+            Upload { name, bytes }
         })
-        .collect()
+        .collect())
 }
 
 /// Decodes base64, also from a `data:<type>;base64,` URL (what a browser's `FileReader` gives) and with line
@@ -340,7 +341,7 @@ async fn parse_multipart(
         })?;
         uploads.push(Upload {
             name: display,
-            bytes,
+            bytes: Ok(bytes),
         });
     }
     Ok(uploads)
@@ -443,10 +444,19 @@ mod tests {
         assert_eq!(uploads.len(), 1);
         assert_eq!(uploads[0].name, "images[0]");
         assert!(o.finish().punctuation);
-        let err = parse_json(br#"{"images": ["aGk=", "%%"]}"#, &mut OptionSet::default())
-            .expect_err("bad base64");
+        // A bad item is that image's problem; the others are still there to read.
+        let uploads = parse_json(
+            br#"{"images": ["aGk=", "%%", 7]}"#,
+            &mut OptionSet::default(),
+        )
+        .expect("a body with bad items");
+        assert_eq!(uploads.len(), 3);
+        assert_eq!(uploads[0].bytes.as_deref().ok(), Some(&b"hi"[..]));
+        let err = uploads[1].bytes.as_ref().expect_err("bad base64");
         assert_eq!(err.kind, "bad_base64");
-        assert_eq!(err.file.map(|f| f.index), Some(1));
+        assert_eq!(err.file.as_ref().map(|f| f.index), Some(1));
+        let err = uploads[2].bytes.as_ref().expect_err("not a string");
+        assert_eq!(err.kind, "bad_json");
         let err = parse_json(br#"{"image": []}"#, &mut OptionSet::default()).expect_err("typo");
         assert_eq!(err.kind, "bad_json");
         let err = parse_json(b"[1]", &mut OptionSet::default()).expect_err("not an object");
