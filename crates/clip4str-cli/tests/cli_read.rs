@@ -470,3 +470,36 @@ fn bundled_model_reads_the_examples_offline() {
         "the bundled model read only {correct} of 10 examples right"
     );
 }
+
+/// `read` batches by default and its answers are byte for byte those of `--batch-size 1` (the reference
+/// read.py): every image of a batch is decoded as if alone. A batch used to stop only when all its images had
+/// ended and to refine over the longest, so `--batch-size 10` printed other confidences (and could print other
+/// texts); `--batch-stop` keeps that reference behaviour.
+#[test]
+fn batched_read_prints_what_batch_1_prints() {
+    let images = root().join("examples").join("images");
+    let images = images.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["read", "--format", "json"];
+        args.extend_from_slice(extra);
+        args.push(images);
+        let out = clip4str(&args);
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let alone = run(&["--batch-size", "1"]);
+    assert_eq!(alone.lines().count(), 10);
+    assert_eq!(run(&[]), alone, "the default batch");
+    assert_eq!(run(&["--batch-size", "10"]), alone, "--batch-size 10");
+    assert_eq!(
+        run(&["--batch-size", "3", "--precision", "bf16"]),
+        run(&["--batch-size", "1", "--precision", "bf16"]),
+        "bf16"
+    );
+    // The reference's batch-wide stop is still there on request, and it is not the same computation.
+    assert_ne!(run(&["--batch-size", "10", "--batch-stop"]), alone);
+}

@@ -49,8 +49,9 @@ pub struct ForwardOptions {
     pub max_length: Option<usize>,
     /// Refinement passes (the release uses 1).
     pub refine_iters: usize,
-    /// Each sample decodes as if it were alone (its own stopping step), so results do not depend on the
-    /// batch; the default reproduces the reference's batch-wide early stop.
+    /// Each sample decodes as if it were alone (its own stopping step and refinement length), so results do
+    /// not depend on the batch: on the CPU they are batch 1's bit for bit. The default reproduces the
+    /// reference's batch-wide early stop.
     pub per_sample_stop: bool,
 }
 
@@ -410,16 +411,28 @@ impl Clip4Str {
         let cross_logits = self.cross_decode(&memory, &text_ar.features, &mut visual.tgt, t)?;
         observer.stage_done(Stage::CrossDecode);
 
-        let refined = self.refine(
-            &memory,
-            &visual,
-            &cross_logits,
-            num_steps,
-            lengths.as_deref(),
-            adapter,
-            opts.refine_iters,
-            observer,
-        )?;
+        let refined = match lengths.as_deref() {
+            Some(lengths) if lengths.iter().any(|&l| l != t) => self.refine_by_length(
+                &memory,
+                &visual,
+                &cross_logits,
+                num_steps,
+                lengths,
+                adapter,
+                opts.refine_iters,
+                observer,
+            )?,
+            _ => self.refine(
+                &memory,
+                &visual,
+                &cross_logits,
+                num_steps,
+                None,
+                adapter,
+                opts.refine_iters,
+                observer,
+            )?,
+        };
         let (refine_vis_logits, captions_refine, text_ids_refine, text_feats_refine, final_logits) =
             match refined {
                 Some(r) => (
@@ -563,6 +576,84 @@ impl Clip4Str {
             });
         }
         Ok(last)
+    }
+}
+
+impl Clip4Str {
+    /// Refinement with each sample's own AR length, as if it had been decoded alone: the batch is split into
+    /// groups of equal length, each refined over exactly that many positions. Every row then goes through the
+    /// same arithmetic as at batch 1 (padding to the batch's longest and masking gives the same values only up
+    /// to summation order), so `per_sample_stop` reproduces batch-1 logits bit for bit on the CPU.
+    #[allow(clippy::too_many_arguments)]
+    fn refine_by_length(
+        &self,
+        memory: &Tensor,
+        visual: &VisualPass,
+        cross_logits: &Tensor,
+        num_steps: usize,
+        lengths: &[usize],
+        adapter: &CharsetAdapter,
+        iters: usize,
+        observer: &mut dyn StageObserver,
+    ) -> Result<Option<RefinePass>> {
+        let device = memory.device();
+        let mut groups: std::collections::BTreeMap<usize, Vec<u32>> = Default::default();
+        for (row, &len) in lengths.iter().enumerate() {
+            groups.entry(len).or_default().push(row as u32);
+        }
+        let mut order = Vec::with_capacity(lengths.len());
+        let mut parts: Vec<RefinePass> = Vec::with_capacity(groups.len());
+        for (len, rows) in groups {
+            let index = Tensor::new(rows.as_slice(), device)?;
+            let group_memory = memory.index_select(&index, 0)?;
+            let group_visual = VisualPass {
+                kv: self.visual_decoder.memory_kv(&group_memory)?,
+                logits: visual.logits.index_select(&index, 0)?.narrow(1, 0, len)?,
+                tgt: rows
+                    .iter()
+                    .map(|&r| visual.tgt[r as usize].clone())
+                    .collect(),
+            };
+            let group_cross = cross_logits.index_select(&index, 0)?.narrow(1, 0, len)?;
+            let Some(part) = self.refine(
+                &group_memory,
+                &group_visual,
+                &group_cross,
+                num_steps,
+                None,
+                adapter,
+                iters,
+                observer,
+            )?
+            else {
+                return Ok(None);
+            };
+            order.extend(rows);
+            parts.push(part);
+        }
+        // Back to the batch's order: `order[k]` is the row that the k-th concatenated result belongs to.
+        let mut inverse = vec![0u32; order.len()];
+        for (k, &row) in order.iter().enumerate() {
+            inverse[row as usize] = k as u32;
+        }
+        let inverse_t = Tensor::new(inverse.as_slice(), device)?;
+        let gather = |pick: fn(&RefinePass) -> &Tensor| -> Result<Tensor> {
+            let pieces: Vec<&Tensor> = parts.iter().map(pick).collect();
+            Tensor::cat(&pieces, 0)?.index_select(&inverse_t, 0)
+        };
+        let captions_sorted: Vec<&String> = parts.iter().flat_map(|p| &p.text.captions).collect();
+        Ok(Some(RefinePass {
+            vis_logits: gather(|p| &p.vis_logits)?,
+            cross_logits: gather(|p| &p.cross_logits)?,
+            text: TextPass {
+                captions: inverse
+                    .iter()
+                    .map(|&k| captions_sorted[k as usize].clone())
+                    .collect(),
+                ids: gather(|p| &p.text.ids)?,
+                features: gather(|p| &p.text.features)?,
+            },
+        }))
     }
 }
 

@@ -51,7 +51,8 @@ pub struct RecognizerOptions {
     /// Normalisation of the input; `None`: the one recorded in the checkpoint by our trainer, else 0.5/0.5
     /// (the reference's test-time normalisation).
     pub normalization: Option<Normalization>,
-    /// Decode each image as if alone (results independent of the batch; see `ForwardOptions`).
+    /// Decode each image as if alone (results independent of the batch, bit for bit on the CPU; see
+    /// `ForwardOptions`).
     pub per_sample_stop: bool,
     /// Arithmetic of the linear layers (f32 by default).
     pub precision: Precision,

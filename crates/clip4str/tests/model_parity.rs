@@ -271,3 +271,70 @@ fn per_sample_stop_makes_batches_equal_single_images() {
         }
     }
 }
+
+/// Per-sample decoding in a batch goes through exactly the arithmetic of batch 1 (each image refined over its
+/// own length), so its logits are bit for bit those of each image read alone, in f32 and bf16. This is what lets
+/// `read` batch by default without changing a single answer. Refining the whole batch over its longest length
+/// (masked) used to differ in the last bits.
+#[test]
+fn per_sample_stop_is_bit_identical_to_batch_1() {
+    let fx = fixture();
+    let adapter = CharsetAdapter::new(fx.json["charset_test"].as_str().unwrap());
+    let opts = ForwardOptions {
+        per_sample_stop: true,
+        ..ForwardOptions::default()
+    };
+    for precision in [clip4str::Precision::F32, clip4str::Precision::Bf16] {
+        let model = load_model(&[]).with_mode(clip4str::nn::Mode {
+            precision,
+            ..Default::default()
+        });
+        let mut lengths = std::collections::BTreeSet::new();
+        for batch in ["batch_A_stop17", "batch_B_nostop", "batch_C_stop11"] {
+            let input = &fx.tensors[&format!("{batch}/input")];
+            let trace = model.forward_trace(input, &adapter, &opts).unwrap();
+            for i in 0..input.dim(0).unwrap() {
+                let alone = model
+                    .forward_trace(&input.narrow(0, i, 1).unwrap(), &adapter, &opts)
+                    .unwrap();
+                lengths.insert(alone.num_ar_steps);
+                let bits = |t: &Tensor| -> Vec<u32> {
+                    t.flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .collect()
+                };
+                let t = alone.num_ar_steps;
+                let what = format!("{precision:?} {batch}[{i}]");
+                let row = |x: &Tensor| x.narrow(0, i, 1).unwrap();
+                let pairs = [
+                    (
+                        "visual AR",
+                        row(&trace.vis_logits).narrow(1, 0, t).unwrap(),
+                        &alone.vis_logits,
+                    ),
+                    (
+                        "cross AR",
+                        row(&trace.cross_logits).narrow(1, 0, t).unwrap(),
+                        &alone.cross_logits,
+                    ),
+                    (
+                        "refined visual",
+                        row(trace.refine_vis_logits.as_ref().unwrap()),
+                        alone.refine_vis_logits.as_ref().unwrap(),
+                    ),
+                    ("final", row(&trace.final_logits), &alone.final_logits),
+                ];
+                for (name, ours, want) in pairs {
+                    assert_eq!(bits(&ours), bits(want), "{what}: {name} logits");
+                }
+                assert_eq!(trace.captions_refine[i], alone.captions_refine[0], "{what}");
+            }
+        }
+        // The case worth testing: images of different lengths in one batch.
+        assert!(lengths.len() > 2, "{lengths:?}");
+    }
+}

@@ -12,6 +12,7 @@ use clip4str::recognizer::{Prediction, RecognizerOptions};
 use indicatif::ProgressBar;
 use rayon::prelude::*;
 
+use crate::device::DeviceArg;
 use crate::model_source::{load_recognizer, ModelArgs};
 use crate::output::{case_options, progress_bar};
 
@@ -38,9 +39,15 @@ pub struct ReadArgs {
     /// `parking`); with --cased too, all 94 characters (`$5,098.80`, `PARKING`).
     #[arg(long)]
     pub punctuation: bool,
-    /// Images per model batch (results can depend on it, like the reference's batch-wide early stop).
-    #[arg(long, default_value_t = 1)]
-    pub batch_size: usize,
+    /// Images per model batch (default: 64 on the CPU, 1 on a GPU). Each image of a batch is decoded as if it
+    /// were alone (its own early stop and refinement length), which on the CPU gives batch 1's results bit for
+    /// bit: the batch only makes reading faster. --batch-size 1 is the reference read.py exactly.
+    #[arg(long, value_name = "N")]
+    pub batch_size: Option<usize>,
+    /// Stop a batch's decoding only when every image of it has ended, like the reference's batched test.py
+    /// (answers then depend on the batch).
+    #[arg(long)]
+    pub batch_stop: bool,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
@@ -55,15 +62,17 @@ pub struct ReadArgs {
     /// With --min-confidence: leave those readings out instead of marking them (their count goes to stderr).
     #[arg(long, requires = "min_confidence")]
     pub drop_low: bool,
-    /// Decode every image as if it were alone, so results do not depend on the batch (the reference stops
-    /// a batch only when all images have ended).
-    #[arg(long)]
+    /// Per-image decoding, the default now; kept so that scripts that ask for it still run.
+    #[arg(long, hide = true, conflicts_with = "batch_stop")]
     pub per_sample_stop: bool,
     /// Image files or folders (searched recursively); `-` reads stdin: the bytes of one image, or else a list of
     /// files and folders, one per line.
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
 }
+
+/// `read`'s batch on the CPU: 2.5x faster than batch 1 on the bundled model, with the same answers.
+const DEFAULT_CPU_BATCH: usize = 64;
 
 const IMAGE_EXTENSIONS: &[&str] = &[
     "png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp", "pbm", "pgm", "ppm", "pnm",
@@ -190,12 +199,17 @@ fn print_prediction(
 
 /// Runs `read`; exit code 1 when some image could not be read.
 pub fn run(args: ReadArgs) -> anyhow::Result<ExitCode> {
-    if args.batch_size == 0 {
+    // A GPU's batched kernels round differently from its batch-1 ones, so there the default stays at 1.
+    let batch_size = args.batch_size.unwrap_or(match args.weights.device {
+        DeviceArg::Cpu => DEFAULT_CPU_BATCH,
+        DeviceArg::Cuda(_) => 1,
+    });
+    if batch_size == 0 {
         anyhow::bail!("--batch-size must be at least 1");
     }
     let opts = RecognizerOptions {
-        batch_size: args.batch_size,
-        per_sample_stop: args.per_sample_stop,
+        batch_size,
+        per_sample_stop: !args.batch_stop,
         ..case_options(args.cased, args.punctuation)
     };
     let recognizer = load_recognizer(&args.weights, opts)?;
@@ -243,7 +257,7 @@ pub fn run(args: ReadArgs) -> anyhow::Result<ExitCode> {
     let mut out = stdout.lock();
     let mut failed = failures.len();
     let mut dropped = 0usize;
-    for chunk in paths.chunks(args.batch_size) {
+    for chunk in paths.chunks(batch_size) {
         // Decode and preprocess the batch in parallel; a bad file is reported and skipped.
         let decoded: Vec<(PathBuf, Result<Vec<f32>, String>)> = chunk
             .par_iter()
