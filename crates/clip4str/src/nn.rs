@@ -340,12 +340,73 @@ pub fn attention_softmax_composite(
     }
 }
 
-/// Inverted dropout, identity when `p == 0` or outside training.
+/// Inverted dropout, identity when `p == 0` or outside training. Inside a [`DropoutStream`] the masks come
+/// from that seeded stream (a resumed run redraws exactly the masks of an uninterrupted one); elsewhere from
+/// candle's thread RNG.
 pub fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
-    if train && p > 0.0 {
-        candle_nn::ops::dropout(x, p)
-    } else {
-        Ok(x.clone())
+    if !(train && p > 0.0) {
+        return Ok(x.clone());
+    }
+    #[cfg(feature = "train")]
+    if let Some(mask) = stream::mask(x, p)? {
+        return x * mask;
+    }
+    candle_nn::ops::dropout(x, p)
+}
+
+#[cfg(feature = "train")]
+pub use stream::DropoutStream;
+
+#[cfg(feature = "train")]
+mod stream {
+    use std::cell::RefCell;
+
+    use candle_core::{Result, Tensor};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    thread_local! {
+        static STREAM: RefCell<Option<ChaCha8Rng>> = const { RefCell::new(None) };
+    }
+
+    /// Makes the dropout masks drawn on this thread, until the guard is dropped, a function of `key` alone
+    /// (the trainer keys it by seed and step). The forward pass draws its masks in a fixed order, so the same
+    /// key gives the same masks.
+    #[must_use = "the stream is uninstalled when the guard is dropped"]
+    pub struct DropoutStream {
+        previous: Option<ChaCha8Rng>,
+    }
+
+    impl DropoutStream {
+        /// Installs the stream for `key`.
+        pub fn install(key: u64) -> Self {
+            let previous = STREAM.with(|s| s.replace(Some(ChaCha8Rng::seed_from_u64(key))));
+            Self { previous }
+        }
+    }
+
+    impl Drop for DropoutStream {
+        fn drop(&mut self) {
+            let previous = self.previous.take();
+            STREAM.with(|s| *s.borrow_mut() = previous);
+        }
+    }
+
+    /// The scaled keep-mask (`0` or `1 / (1 - p)`) for `x`, when a stream is installed.
+    pub(super) fn mask(x: &Tensor, p: f32) -> Result<Option<Tensor>> {
+        STREAM.with(|s| {
+            let mut s = s.borrow_mut();
+            let Some(rng) = s.as_mut() else {
+                return Ok(None);
+            };
+            let keep = 1.0 / (1.0 - p);
+            let values: Vec<f32> = (0..x.elem_count())
+                .map(|_| if rng.random::<f32>() >= p { keep } else { 0.0 })
+                .collect();
+            Tensor::from_vec(values, x.shape(), x.device())?
+                .to_dtype(x.dtype())
+                .map(Some)
+        })
     }
 }
 

@@ -112,6 +112,8 @@ fn register_plot_font() -> bool {
     })
 }
 
+/// `loss.png`: training loss and validation loss on a log axis (losses span orders of magnitude), validation
+/// accuracy, and the learning rate, one panel each over the steps.
 fn draw_loss(path: &Path, history: &[StepMetrics]) -> anyhow::Result<()> {
     use plotters::prelude::*;
     if history.is_empty() {
@@ -119,39 +121,98 @@ fn draw_loss(path: &Path, history: &[StepMetrics]) -> anyhow::Result<()> {
     }
     let labelled = register_plot_font();
     let max_step = history.iter().map(|m| m.step).max().unwrap_or(1).max(1) as f64;
-    let max_loss = history
+    let train: Vec<(f64, f64)> = history
         .iter()
-        .map(|m| m.loss)
-        .fold(0.0f64, f64::max)
-        .max(1e-3)
-        * 1.05;
-    let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
+        .filter(|m| m.loss > 0.0 && m.loss.is_finite())
+        .map(|m| (m.step as f64, m.loss))
+        .collect();
+    let val: Vec<(f64, f64)> = history
+        .iter()
+        .filter_map(|m| Some((m.step as f64, m.val_loss.filter(|l| *l > 0.0)?)))
+        .collect();
+    let accuracy: Vec<(f64, f64)> = history
+        .iter()
+        .filter_map(|m| Some((m.step as f64, m.val_accuracy?)))
+        .collect();
+    let lr: Vec<(f64, f64)> = history.iter().map(|m| (m.step as f64, m.lr)).collect();
+    let (lo, hi) = train
+        .iter()
+        .chain(&val)
+        .fold((f64::MAX, f64::MIN), |(lo, hi), &(_, l)| {
+            (lo.min(l), hi.max(l))
+        });
+    let (lo, hi) = if lo <= hi {
+        (lo / 1.2, hi * 1.2)
+    } else {
+        (0.01, 10.0)
+    };
+
+    let root = BitMapBackend::new(path, (900, 820)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut builder = ChartBuilder::on(&root);
-    builder.margin(15);
-    if labelled {
+    let (top, rest) = root.split_vertically(420);
+    let (middle, bottom) = rest.split_vertically(200);
+    let chart_on = |area, caption: &str| -> ChartBuilder<'_, '_, BitMapBackend<'_>> {
+        let mut builder = ChartBuilder::on(area);
+        builder.margin(12);
+        if labelled {
+            builder
+                .caption(caption, ("sans-serif", 18))
+                .x_label_area_size(30)
+                .y_label_area_size(65);
+        }
         builder
-            .caption("training loss", ("sans-serif", 22))
-            .x_label_area_size(35)
-            .y_label_area_size(55);
-    }
-    let mut chart = builder.build_cartesian_2d(0f64..max_step, 0f64..max_loss)?;
+    };
+
+    let mut losses = chart_on(&top, "loss (log scale)")
+        .build_cartesian_2d(0f64..max_step, (lo..hi).log_scale())?;
     if labelled {
-        chart
+        losses
             .configure_mesh()
             .x_desc("step")
             .y_desc("loss")
             .draw()?;
     }
-    chart.draw_series(LineSeries::new(
-        history.iter().map(|m| (m.step as f64, m.loss)),
-        &BLUE,
-    ))?;
+    losses
+        .draw_series(LineSeries::new(train, &BLUE))?
+        .label("training")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLUE));
+    if !val.is_empty() {
+        losses
+            .draw_series(LineSeries::new(val.clone(), &RED))?
+            .label("validation")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], RED));
+        losses.draw_series(val.iter().map(|&p| Circle::new(p, 3, RED.filled())))?;
+    }
+    if labelled {
+        losses
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()?;
+    }
+
+    let mut acc = chart_on(&middle, "validation accuracy (%)")
+        .build_cartesian_2d(0f64..max_step, 0f64..100f64)?;
+    if labelled {
+        acc.configure_mesh().y_desc("%").draw()?;
+    }
+    acc.draw_series(LineSeries::new(accuracy.clone(), &GREEN))?;
+    acc.draw_series(accuracy.iter().map(|&p| Circle::new(p, 3, GREEN.filled())))?;
+
+    let max_lr = lr.iter().map(|p| p.1).fold(0.0f64, f64::max).max(1e-12) * 1.05;
+    let mut rate = chart_on(&bottom, "learning rate (encoder group)")
+        .build_cartesian_2d(0f64..max_step, 0f64..max_lr)?;
+    if labelled {
+        rate.configure_mesh()
+            .x_desc("step")
+            .y_label_formatter(&|v| format!("{v:.1e}"))
+            .draw()?;
+    }
+    rate.draw_series(LineSeries::new(lr, &BLACK))?;
     root.present()?;
     Ok(())
 }
 
-/// Writes a resumed run's new schedule length and validation interval into its `config.toml`.
 fn replan(dir: &Path, max_steps: Option<usize>, val_interval: Option<usize>) -> anyhow::Result<()> {
     let path = dir.join("config.toml");
     let text =

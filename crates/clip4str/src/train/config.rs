@@ -213,8 +213,15 @@ pub struct RunSpec {
     pub val_limit: Option<usize>,
     /// Log a metrics line every this many steps.
     pub log_interval: usize,
-    /// Seed for initialisation, shuffling and permutations.
+    /// Seed for initialisation, shuffling, augmentation, permutations and dropout.
     pub seed: u64,
+    /// Also save `last` (and a `step-<N>` snapshot) every this many steps, between validations: a crash then
+    /// loses at most this many. 0: only at validations and on Ctrl-C.
+    pub save_interval: usize,
+    /// Also save every this many minutes of training (0: never by time), whichever of the two comes first.
+    pub save_minutes: f64,
+    /// `step-<N>` snapshots kept (the oldest are deleted), each resumable with its optimizer state.
+    pub keep_last: usize,
 }
 
 impl Default for RunSpec {
@@ -225,6 +232,9 @@ impl Default for RunSpec {
             val_limit: None,
             log_interval: 10,
             seed: 42,
+            save_interval: 0,
+            save_minutes: 10.0,
+            keep_last: 2,
         }
     }
 }

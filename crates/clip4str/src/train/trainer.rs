@@ -3,15 +3,21 @@
 //! Output directory layout (everything a later `--resume` or `read --checkpoint` needs):
 //! `config.toml` (the run's settings), `last.safetensors` / `best.safetensors` (weights with the model's
 //! hyper-parameters in the metadata, loadable alone), `last.json` / `best.json` (charset, dims, step,
-//! validation figures), `state-<step>.safetensors` (AdamW moments, referenced by `last.safetensors`) and
-//! `metrics.jsonl`. Files are written to a temporary name and renamed, and the optimizer state is written
-//! before the weights that point at it, so a kill at any moment leaves a consistent `last`.
+//! validation figures), `state-<step>.safetensors` (AdamW moments, referenced by `last.safetensors`),
+//! `step-<step>.safetensors` (the newest `run.keep_last` snapshots of `last` taken by `run.save_interval` /
+//! `run.save_minutes`, each with its state file) and `metrics.jsonl`. Files are written to a temporary name
+//! and renamed, and the optimizer state is written before the weights that point at it, so a kill at any
+//! moment leaves a consistent `last`.
+//!
+//! Every random draw is keyed by the seed and a position (sample order and augmentation by epoch and sample,
+//! permutations and dropout masks by step), and `last` keeps the partial logging window, so a run resumed
+//! from `last` repeats the uninterrupted run's losses exactly (same machine and thread count).
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
@@ -57,6 +63,10 @@ pub struct StepMetrics {
     /// Validation 1-NED (percent), on validation steps.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_one_minus_ned: Option<f64>,
+    /// Validation loss, on validation steps: the reference's `val_loss`, cross-entropy of the refined
+    /// cross-modal logits decoded to the labels' length (no early stop) against the labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
 }
 
 /// Receives progress; the CLI draws bars and plots from it.
@@ -74,6 +84,16 @@ struct RunState {
     epoch: usize,
     position: usize,
     best_accuracy: Option<f64>,
+    /// The steps since the last logged line, so that a resumed run logs the same averages.
+    #[serde(default)]
+    window: WindowState,
+}
+
+/// The part of [`Window`] that a checkpoint keeps (not its clock).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct WindowState {
+    loss: f64,
+    steps: usize,
 }
 
 /// A training run in progress.
@@ -117,11 +137,23 @@ struct Window {
 
 impl Window {
     fn start() -> Self {
+        Self::resume(WindowState::default())
+    }
+
+    /// Continues a window saved mid-way; images per second count from now.
+    fn resume(saved: WindowState) -> Self {
         Self {
-            loss: 0.0,
-            steps: 0,
+            loss: saved.loss,
+            steps: saved.steps,
             images: 0,
             start: Instant::now(),
+        }
+    }
+
+    fn saved(&self) -> WindowState {
+        WindowState {
+            loss: self.loss,
+            steps: self.steps,
         }
     }
 
@@ -144,7 +176,21 @@ impl Window {
             images_per_second: self.images as f64 / secs,
             val_accuracy: None,
             val_one_minus_ned: None,
+            val_loss: None,
         }
+    }
+}
+
+/// Validation cross-entropy summed over every scored target, as Lightning averages `val_loss`.
+#[derive(Default)]
+struct ValLoss {
+    sum: f64,
+    count: usize,
+}
+
+impl ValLoss {
+    fn mean(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum / self.count as f64)
     }
 }
 
@@ -442,11 +488,17 @@ impl Trainer {
         stop: &AtomicBool,
     ) -> Result<(), TrainError> {
         let mut batches = self.loader.iter_from(self.state.epoch, self.state.position);
-        let mut window = Window::start();
+        let mut window = Window::resume(self.state.window);
         let end = self
             .stop_at
             .map_or(self.total_steps, |s| s.min(self.total_steps));
         let mut saved_at = None;
+        let mut last_save = Instant::now();
+        let run = &self.cfg.run;
+        let (save_interval, save_every) = (
+            run.save_interval,
+            (run.save_minutes > 0.0).then(|| Duration::from_secs_f64(run.save_minutes * 60.0)),
+        );
         while self.state.step < end && !stop.load(Ordering::Relaxed) {
             let done = self.train_step(&mut batches)?;
             window.add(&done);
@@ -462,28 +514,43 @@ impl Trainer {
                 }
                 self.log(&m)?;
                 observer.on_step(&m);
+                window = Window::start();
                 if val_now {
+                    self.state.window = window.saved();
                     self.save_checkpoints(&m)?;
                     saved_at = Some(step);
+                    last_save = Instant::now();
                     observer.on_validation(&m, &self.history);
                 }
-                window = Window::start();
+            }
+            let interval_due = save_interval > 0 && step.is_multiple_of(save_interval);
+            let time_due = save_every.is_some_and(|every| last_save.elapsed() >= every);
+            if saved_at != Some(step) && step < end && (interval_due || time_due) {
+                self.save_now(&window, done.lr, done.grad_norm)?;
+                self.snapshot()?;
+                saved_at = Some(step);
+                last_save = Instant::now();
             }
         }
         // Interrupted, or stopped early by `stop_at`, between validations (possibly before the first log
         // line): keep what was learned.
         let stopped_early = stop.load(Ordering::Relaxed) || self.state.step < self.total_steps;
         if stopped_early && self.state.step > 0 && saved_at != Some(self.state.step) {
-            let previous = self.history.last();
             let lr = self.optimizer.lrs().first().copied().unwrap_or(0.0);
-            let grad_norm = previous.map_or(0.0, |p| p.grad_norm);
-            let mut m = window.metrics(self, lr, grad_norm);
-            if window.steps == 0 {
-                m.loss = previous.map_or(0.0, |p| p.loss);
-            }
-            self.save_last(&m)?;
+            let grad_norm = self.history.last().map_or(0.0, |p| p.grad_norm);
+            self.save_now(&window, lr, grad_norm)?;
         }
         Ok(())
+    }
+
+    /// Saves `last` between log lines, with the window so far (a resumed run goes on averaging it).
+    fn save_now(&mut self, window: &Window, lr: f64, grad_norm: f64) -> Result<(), TrainError> {
+        let mut m = window.metrics(self, lr, grad_norm);
+        if window.steps == 0 {
+            m.loss = self.history.last().map_or(0.0, |p| p.loss);
+        }
+        self.state.window = window.saved();
+        self.save_last(&m)
     }
 
     /// One optimizer step: `optim.accumulate` batches through the PSM loss (plus CTC when on), their
@@ -500,7 +567,7 @@ impl Trainer {
         let mut accumulated: Option<candle_core::backprop::GradStore> = None;
         let mut step_loss = 0.0;
         let mut images = 0;
-        for _ in 0..o.accumulate {
+        for micro in 0..o.accumulate {
             let batch = batches
                 .next()
                 .ok_or_else(|| TrainError::Config("the training data ran out".into()))??;
@@ -512,6 +579,12 @@ impl Trainer {
                 self.cfg.run.seed ^ (self.state.step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             );
             let perms = gen_tgt_perms(longest, o.perm_num, true, true, &mut rng);
+            // Dropout masks keyed by (seed, step, micro-batch): a resumed run draws the same ones.
+            let _masks = crate::nn::DropoutStream::install(
+                self.cfg.run.seed
+                    ^ (self.state.step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)
+                    ^ (micro as u64).wrapping_mul(0x8CB9_2BA7_2F3D_8DD7),
+            );
             let out = training_loss(&self.model, &batch_images, &labels, &perms, &loss_opts)?;
             let mut loss = out.loss.clone();
             if let Some(head) = &self.ctc {
@@ -570,9 +643,10 @@ impl Trainer {
 
     /// Adds the validation figures to `m` (when the run has a validation set).
     fn validate_into(&self, m: &mut StepMetrics) -> Result<(), TrainError> {
-        if let Some(v) = self.validate()? {
+        if let Some((v, loss)) = self.validate()? {
             m.val_accuracy = Some(v.accuracy());
             m.val_one_minus_ned = Some(v.one_minus_ned());
+            m.val_loss = loss;
         }
         Ok(())
     }
@@ -604,8 +678,9 @@ impl Trainer {
         Ok(())
     }
 
-    /// Validation with the test protocol (charset_test, filtered labels), accuracy over all val sets.
-    fn validate(&self) -> Result<Option<DatasetResult>, TrainError> {
+    /// Validation with the test protocol (charset_test, filtered labels), accuracy over all val sets, and the
+    /// validation loss (`None` when no label could be scored).
+    fn validate(&self) -> Result<Option<(DatasetResult, Option<f64>)>, TrainError> {
         if self.cfg.data.val.is_empty() {
             return Ok(None);
         }
@@ -621,6 +696,7 @@ impl Trainer {
             .map_err(|e| TrainError::Config(e.to_string()))?;
         let adapter = CharsetAdapter::new(&charset);
         let mut total = DatasetResult::new("val");
+        let mut loss = ValLoss::default();
         for path in &self.cfg.data.val {
             let ds: Box<dyn Dataset> = open_dataset(path)?;
             let mut kept = ds.filtered(&adapter, self.model_cfg.max_label_length, true, true)?;
@@ -644,8 +720,58 @@ impl Trainer {
             for (p, gt) in preds.iter().zip(&labels) {
                 total.add(&p.text, gt, f64::from(p.confidence));
             }
+            for (images, labels) in images.chunks(64).zip(labels.chunks(64)) {
+                self.add_val_loss(&rec, &adapter, images, labels, &mut loss)?;
+            }
         }
-        Ok(Some(total))
+        Ok(Some((total, loss.mean())))
+    }
+
+    /// The reference's `forward_logits_loss` on one batch: decode `longest label` steps without early stop,
+    /// cross-entropy against `[labels, EOS, PAD..]` with PAD ignored.
+    fn add_val_loss(
+        &self,
+        rec: &Recognizer,
+        adapter: &CharsetAdapter,
+        images: &[image::RgbImage],
+        labels: &[String],
+        loss: &mut ValLoss,
+    ) -> Result<(), TrainError> {
+        let tokenizer = &self.model.tokenizer;
+        // A label the training charset cannot encode has no target; it still counts for accuracy.
+        let (inputs, targets): (Vec<Vec<f32>>, Vec<Vec<u32>>) = images
+            .iter()
+            .zip(labels)
+            .filter_map(|(image, label)| {
+                let ids = tokenizer.encode(label).ok()?;
+                Some((rec.preprocess(image), ids[1..].to_vec()))
+            })
+            .unzip();
+        let Some(width) = targets.iter().map(Vec::len).max() else {
+            return Ok(());
+        };
+        let targets: Vec<Vec<u32>> = targets
+            .into_iter()
+            .map(|mut row| {
+                row.resize(width, tokenizer.pad_id());
+                row
+            })
+            .collect();
+        let batch = rec
+            .batch_tensor(&inputs)
+            .map_err(|e| TrainError::Config(e.to_string()))?;
+        let opts = crate::model::ForwardOptions {
+            max_length: Some(width - 1),
+            ..Default::default()
+        };
+        let logits = self
+            .model
+            .forward_trace(&batch, adapter, &opts)?
+            .final_logits;
+        let (mean, count) = super::loss::cross_entropy(&logits, &targets, tokenizer.pad_id())?;
+        loss.sum += f64::from(mean.to_scalar::<f32>()?) * count as f64;
+        loss.count += count;
+        Ok(())
     }
 
     fn metadata(&self, m: &StepMetrics) -> Result<HashMap<String, String>, TrainError> {
@@ -713,11 +839,51 @@ impl Trainer {
         }
         save_safetensors(&dir.join(&state_name), &opt, &HashMap::new())?;
         self.save("last", m)?;
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for e in entries.flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                if n.starts_with("state-") && n.ends_with(".safetensors") && n != state_name {
-                    std::fs::remove_file(e.path()).ok();
+        self.prune(&[self.state.step])
+    }
+
+    /// Keeps `last` as `step-<N>.safetensors` too (a hard link, else a copy), with its optimizer state, and
+    /// deletes the snapshots beyond `run.keep_last`.
+    fn snapshot(&self) -> Result<(), TrainError> {
+        let dir = &self.cfg.run.output_dir;
+        let name = dir.join(format!("step-{:08}.safetensors", self.state.step));
+        let tmp = name.with_extension("safetensors.tmp");
+        let last = dir.join("last.safetensors");
+        std::fs::remove_file(&tmp).ok();
+        if std::fs::hard_link(&last, &tmp).is_err() {
+            std::fs::copy(&last, &tmp).map_err(io_err(&tmp))?;
+        }
+        std::fs::rename(&tmp, &name).map_err(io_err(&name))?;
+        self.prune(&[self.state.step])
+    }
+
+    /// Deletes old snapshots (all but the newest `keep_last`) and every optimizer state that neither
+    /// `keep` nor a kept snapshot needs.
+    fn prune(&self, keep: &[usize]) -> Result<(), TrainError> {
+        let dir = &self.cfg.run.output_dir;
+        let step_of = |name: &str, prefix: &str| -> Option<usize> {
+            name.strip_prefix(prefix)?
+                .strip_suffix(".safetensors")?
+                .parse()
+                .ok()
+        };
+        let names: Vec<String> = std::fs::read_dir(dir)
+            .map_err(io_err(dir))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let mut snapshots: Vec<usize> = names.iter().filter_map(|n| step_of(n, "step-")).collect();
+        snapshots.sort_unstable();
+        let cut = snapshots.len().saturating_sub(self.cfg.run.keep_last);
+        for old in &snapshots[..cut] {
+            let path = dir.join(format!("step-{old:08}.safetensors"));
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+        let kept = &snapshots[cut..];
+        for name in &names {
+            if let Some(step) = step_of(name, "state-") {
+                if !keep.contains(&step) && !kept.contains(&step) {
+                    std::fs::remove_file(dir.join(name)).ok();
                 }
             }
         }
