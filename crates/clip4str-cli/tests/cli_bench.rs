@@ -73,10 +73,78 @@ fn bad_arguments_are_refused() {
             vec!["bench", "--checkpoint", "/nonexistent/x.ckpt"],
             "x.ckpt",
         ),
+        (
+            vec!["bench", "--train", "--preset", "nope"],
+            "unknown preset",
+        ),
+        (
+            vec![
+                "bench",
+                "--train",
+                "--preset",
+                "tiny",
+                "--label-length",
+                "9-3",
+            ],
+            "--label-length",
+        ),
+        (vec!["bench", "--train", "--label-length", "x"], "MIN-MAX"),
+        (
+            vec!["bench", "--train", "--checkpoint", "a.ckpt"],
+            "cannot be used with",
+        ),
     ] {
         let out = clip4str(&args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+}
+
+/// `bench --train` times the phases of a real training step (forward, backward, clipping, AdamW) and names the
+/// CPU and its SIMD level, so that it can be set beside the reference's step on the same machine.
+#[test]
+fn train_step_report_has_every_phase() {
+    let out = clip4str(&[
+        "--threads",
+        "1",
+        "bench",
+        "--train",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "2",
+        "--perm-num",
+        "2",
+        "--label-length",
+        "3-5",
+        "--runs",
+        "2",
+        "--warmup",
+        "0",
+        "--format",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let phase = |name: &str| doc["phases"][name]["median_ms"].as_f64().unwrap_or(-1.0);
+    for name in ["data", "forward", "backward", "clip", "optimizer"] {
+        assert!(phase(name) >= 0.0, "{name}: {doc}");
+        assert!(phase(name) <= phase("total"), "{name}: {doc}");
+    }
+    assert!(phase("forward") > 0.0 && phase("backward") > 0.0, "{doc}");
+    let ips = doc["images_per_second"].as_f64().unwrap();
+    assert!(
+        (ips - 2.0 / (phase("total") / 1e3)).abs() < 1e-6 * ips.max(1.0),
+        "{doc}"
+    );
+    assert!(doc["trainable"].as_u64().unwrap() < doc["parameters"].as_u64().unwrap());
+    assert!(!doc["cpu"].as_str().unwrap().is_empty());
+    assert!(!doc["simd"].as_str().unwrap().is_empty());
+    assert_eq!(doc["label_lengths"], serde_json::json!([3, 5]));
+    assert!(doc["peak_rss_mib"].as_f64().is_some_and(|m| m > 0.0));
 }

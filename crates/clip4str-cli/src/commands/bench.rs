@@ -1,5 +1,8 @@
 //! `clip4str bench`: per-stage timing of a full CLIP4STR read (preprocess, encoder, decoders, text encoder,
-//! refinement) on a checkpoint, the bundled model, or random weights of a preset's exact shapes.
+//! refinement) on a checkpoint, the bundled model, or random weights of a preset's exact shapes; with
+//! `--train`, the phases of a training step ([`train`]).
+
+mod train;
 
 use std::collections::HashMap;
 use std::io::Cursor;
@@ -49,9 +52,19 @@ pub struct BenchArgs {
     /// Random weights with the exact shapes of a preset: b16, b32, l14, h14, tiny, small.
     #[arg(long, conflicts_with_all = ["checkpoint", "config", "model"])]
     pub preset: Option<String>,
-    /// Images per forward.
-    #[arg(long, default_value_t = 1)]
-    pub batch_size: usize,
+    /// Time a training step (forward, backward, clipping, AdamW) on random data of --preset's shapes
+    /// (default: small) instead of a read.
+    #[arg(long, conflicts_with_all = ["checkpoint", "config", "model", "steps"])]
+    pub train: bool,
+    /// Images per forward (default: 1; 64 with --train).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// With --train: PSM permutations per batch.
+    #[arg(long, default_value_t = 6, requires = "train")]
+    pub perm_num: usize,
+    /// With --train: the random labels' lengths, MIN-MAX characters.
+    #[arg(long, default_value = "5-10", value_parser = parse_range, requires = "train")]
+    pub label_length: (usize, usize),
     /// Decoding length (default: full for presets, auto for trained weights).
     #[arg(long, value_enum)]
     pub steps: Option<Steps>,
@@ -143,16 +156,16 @@ fn random_model(preset: &str, device: &Device) -> anyhow::Result<(Clip4Str, Stri
     Ok((model, format!("{preset} (random weights)")))
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
+pub(crate) fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn cpu_name() -> String {
+pub(crate) fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -164,13 +177,60 @@ fn cpu_name() -> String {
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
+/// `MIN-MAX` (or a single `N`).
+fn parse_range(text: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("{text:?} is not MIN-MAX (e.g. 5-10)");
+    let (min, max) = text.split_once('-').unwrap_or((text, text));
+    let min = min.trim().parse().map_err(|_| bad())?;
+    let max = max.trim().parse().map_err(|_| bad())?;
+    Ok((min, max))
+}
+
+/// The widest vector extension this CPU offers for the kernels (the speed of every figure depends on it).
+pub(crate) fn simd_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512bf16") {
+            return "AVX-512 with BF16";
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "AVX-512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return "AVX2";
+        }
+        "SSE"
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        "NEON"
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        std::env::consts::ARCH
+    }
+}
+
 /// Runs `bench`.
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    if args.batch_size == 0 {
+    let batch_size = args.batch_size.unwrap_or(if args.train { 64 } else { 1 });
+    if batch_size == 0 {
         anyhow::bail!("--batch-size must be at least 1");
     }
     if args.runs == 0 {
         anyhow::bail!("--runs must be at least 1");
+    }
+    if args.train {
+        return train::run(&train::TrainBench {
+            preset: args.preset.as_deref().unwrap_or("small"),
+            batch_size,
+            perm_num: args.perm_num,
+            label_lengths: args.label_length,
+            runs: args.runs,
+            warmup: args.warmup,
+            format: args.format,
+            device: args.weights.device.open()?,
+        });
     }
     let steps = args.steps.unwrap_or(if args.preset.is_some() {
         Steps::Full
@@ -184,7 +244,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     // The recognizer clamps the length to the model's max_label_length.
     let opts = RecognizerOptions {
-        batch_size: args.batch_size,
+        batch_size,
         max_length,
         ..RecognizerOptions::default()
     };
@@ -206,7 +266,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
 
     let one_run = || -> anyhow::Result<Run> {
         let start = Instant::now();
-        let inputs: Vec<Vec<f32>> = (0..args.batch_size)
+        let inputs: Vec<Vec<f32>> = (0..batch_size)
             .into_par_iter()
             .map(|_| decode_rgb(&png).map(|img| recognizer.preprocess(&img)))
             .collect::<Result<_, _>>()?;
@@ -216,7 +276,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         let trace = recognizer.trace_observed(&batch, &mut clock)?;
         let post = Instant::now();
         let preds = recognizer.decode(&trace.final_logits)?;
-        debug_assert_eq!(preds.len(), args.batch_size);
+        debug_assert_eq!(preds.len(), batch_size);
         Ok(Run {
             preprocess,
             stages: clock.timings,
@@ -258,7 +318,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             .map_or(Duration::ZERO, |s| s.1)
     };
     let total = get("total");
-    let images_per_second = args.batch_size as f64 / total.as_secs_f64().max(1e-12);
+    let images_per_second = batch_size as f64 / total.as_secs_f64().max(1e-12);
     let decoding = get("visual_decode") + get("cross_decode") + get("refine");
     let decode_pct = 100.0 * decoding.as_secs_f64() / get("encoder").as_secs_f64().max(1e-12);
     let threads = rayon::current_num_threads();
@@ -290,7 +350,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             let doc = serde_json::json!({
                 "model": model_name,
                 "image_size": [input_h, input_w],
-                "batch_size": args.batch_size,
+                "batch_size": batch_size,
                 "steps": steps_name,
                 "precision": args.weights.precision.name(),
                 "threads": threads,
@@ -307,7 +367,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         BenchFormat::Text => {
             println!(
                 "model {model_name}, input {}x{}, batch {}, steps {steps_name}, {}, {threads} threads, {build}",
-                input_h, input_w, args.batch_size, args.weights.precision.name()
+                input_h, input_w, batch_size, args.weights.precision.name()
             );
             println!(
                 "cpu {}; {} timed runs after {} warm-up",

@@ -1,0 +1,232 @@
+//! `clip4str bench --train`: the cost of one training step on random data of a preset's shapes, phase by
+//! phase (forward, backward, clipping, AdamW), the way the trainer runs it: same loss, same permutations,
+//! dropout on, the same parameter groups. The numbers compare with the reference's training step of the same
+//! model, batch and permutations on the same machine.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor, Var};
+use clip4str::config::Clip4StrConfig;
+use clip4str::nn::DropoutStream;
+use clip4str::train::init::init_weights;
+use clip4str::train::{
+    clip_grad_norm, gen_tgt_perms, training_loss, AdamW, LossOptions, OptimizerConfig, ParamStore,
+};
+use rand::{Rng, SeedableRng};
+
+use super::{cpu_name, median, ms, simd_level, BenchFormat};
+
+/// What `bench --train` needs from the command line.
+pub struct TrainBench<'a> {
+    pub preset: &'a str,
+    pub batch_size: usize,
+    pub perm_num: usize,
+    pub label_lengths: (usize, usize),
+    pub runs: usize,
+    pub warmup: usize,
+    pub format: BenchFormat,
+    pub device: Device,
+}
+
+/// One timed step.
+struct Step {
+    data: Duration,
+    forward: Duration,
+    backward: Duration,
+    clip: Duration,
+    optimizer: Duration,
+    total: Duration,
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Runs the training benchmark.
+pub fn run(bench: &TrainBench) -> anyhow::Result<ExitCode> {
+    let cfg = Clip4StrConfig::by_name(bench.preset).with_context(|| {
+        format!(
+            "unknown preset {:?}; choose b16, b32, l14, h14, tiny or small",
+            bench.preset
+        )
+    })?;
+    let (min_len, max_len) = bench.label_lengths;
+    if min_len == 0 || min_len > max_len || max_len > cfg.max_label_length {
+        anyhow::bail!(
+            "--label-length {min_len}-{max_len}: give 1 <= MIN <= MAX <= {}",
+            cfg.max_label_length
+        );
+    }
+    let weights: HashMap<String, Tensor> = init_weights(&cfg, 0)?.into_iter().collect();
+    let store = ParamStore::new(&cfg, &weights, DType::F32, &bench.device)?;
+    let model = store.build_model(&cfg)?;
+    let opt_cfg = OptimizerConfig {
+        batch_size: bench.batch_size,
+        ..OptimizerConfig::default()
+    };
+    let mut optimizer = AdamW::new(store.trainable(), &opt_cfg);
+    let trainable: usize = store.trainable().iter().map(|(_, v)| v.elem_count()).sum();
+    let total_params: usize = store.state_dict().values().map(|t| t.elem_count()).sum();
+    let loss_opts = LossOptions::default();
+    let [h, w] = cfg.vision.image_size;
+    let charset: Vec<char> = cfg.charset_train.chars().collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+
+    let mut one_step = |step: u64| -> anyhow::Result<Step> {
+        let start = Instant::now();
+        let b = bench.batch_size;
+        let pixels: Vec<f32> = (0..b * 3 * h * w)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        let images = Tensor::from_vec(pixels, (b, 3, h, w), &bench.device)?;
+        let labels: Vec<String> = (0..b)
+            .map(|_| {
+                let len = rng.random_range(min_len..=max_len);
+                (0..len)
+                    .map(|_| charset[rng.random_range(0..charset.len())])
+                    .collect()
+            })
+            .collect();
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        let longest = labels.iter().map(|l| l.chars().count()).max().unwrap_or(1);
+        let perms = gen_tgt_perms(longest, bench.perm_num, true, true, &mut rng);
+        let data = start.elapsed();
+
+        let t = Instant::now();
+        let out = {
+            let _masks = DropoutStream::install(step);
+            training_loss(&model, &images, &labels, &perms, &loss_opts)?
+        };
+        out.loss.to_scalar::<f32>()?;
+        let forward = t.elapsed();
+
+        let t = Instant::now();
+        let mut grads = out.loss.backward()?;
+        let backward = t.elapsed();
+
+        let t = Instant::now();
+        let vars: Vec<&Var> = optimizer.vars().collect();
+        clip_grad_norm(&mut grads, vars, 20.0)?;
+        let clip = t.elapsed();
+
+        let t = Instant::now();
+        optimizer.step(&grads)?;
+        let optimizer_time = t.elapsed();
+        Ok(Step {
+            data,
+            forward,
+            backward,
+            clip,
+            optimizer: optimizer_time,
+            total: start.elapsed(),
+        })
+    };
+    for step in 0..bench.warmup {
+        one_step(step as u64)?;
+    }
+    let steps: Vec<Step> = (0..bench.runs)
+        .map(|i| one_step((bench.warmup + i) as u64))
+        .collect::<anyhow::Result<_>>()?;
+
+    type Pick = fn(&Step) -> Duration;
+    let phases: [(&str, Pick); 6] = [
+        ("data", |s| s.data),
+        ("forward", |s| s.forward),
+        ("backward", |s| s.backward),
+        ("clip", |s| s.clip),
+        ("optimizer", |s| s.optimizer),
+        ("total", |s| s.total),
+    ];
+    let summary: Vec<(&str, Duration, Duration)> = phases
+        .iter()
+        .map(|(name, pick)| {
+            let v: Vec<Duration> = steps.iter().map(pick).collect();
+            let min = v.iter().copied().min().unwrap_or_default();
+            (*name, median(v), min)
+        })
+        .collect();
+    let total = summary.last().map_or(Duration::ZERO, |s| s.1);
+    let images_per_second = bench.batch_size as f64 / total.as_secs_f64().max(1e-12);
+    let threads = rayon::current_num_threads();
+    let rss = peak_rss_mib();
+    let (min_len, max_len) = bench.label_lengths;
+    match bench.format {
+        BenchFormat::Json => {
+            let phases: serde_json::Map<String, serde_json::Value> = summary
+                .iter()
+                .map(|(name, med, min)| {
+                    (
+                        (*name).to_string(),
+                        serde_json::json!({"median_ms": ms(*med), "min_ms": ms(*min)}),
+                    )
+                })
+                .collect();
+            let doc = serde_json::json!({
+                "preset": bench.preset,
+                "image_size": [h, w],
+                "batch_size": bench.batch_size,
+                "perm_num": bench.perm_num,
+                "label_lengths": [min_len, max_len],
+                "parameters": total_params,
+                "trainable": trainable,
+                "threads": threads,
+                "cpu": cpu_name(),
+                "simd": simd_level(),
+                "runs": bench.runs,
+                "warmup": bench.warmup,
+                "phases": phases,
+                "images_per_second": images_per_second,
+                "peak_rss_mib": rss,
+            });
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+        }
+        BenchFormat::Text => {
+            println!(
+                "training step: preset {}, input {h}x{w}, batch {}, {} permutations, labels of {min_len}-{max_len} \
+                 characters, {:.2} M parameters ({:.2} M trainable), {threads} threads",
+                bench.preset,
+                bench.batch_size,
+                bench.perm_num,
+                total_params as f64 / 1e6,
+                trainable as f64 / 1e6
+            );
+            println!(
+                "cpu {} ({}); {} timed steps after {} warm-up",
+                cpu_name(),
+                simd_level(),
+                bench.runs,
+                bench.warmup
+            );
+            println!(
+                "{:<10} {:>11} {:>11} {:>7}",
+                "phase", "median ms", "min ms", "share"
+            );
+            for (name, med, min) in &summary {
+                let share = 100.0 * med.as_secs_f64() / total.as_secs_f64().max(1e-12);
+                println!(
+                    "{name:<10} {:>11.2} {:>11.2} {:>6.1}%",
+                    ms(*med),
+                    ms(*min),
+                    share
+                );
+            }
+            println!("{images_per_second:.2} images/s (median step)");
+            if let Some(rss) = rss {
+                println!("peak RSS {rss:.0} MiB");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
