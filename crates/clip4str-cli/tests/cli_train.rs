@@ -74,6 +74,11 @@ fn first_lines_name_the_data_and_the_model() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A model small enough for a step to take a fraction of a second in a debug build, trained from scratch.
+const SMALL_MODEL: &str = "[model]\npreset = \"small\"\nimage_size = [16, 32]\npatch_size = [8, 8]\n\
+    vision_width = 64\nvision_layers = 1\nvision_heads = 1\ntext_width = 64\ntext_layers = 1\ntext_heads = 1\n\
+    embed_dim = 32\ndecoder_heads = 2\ndropout = 0.1\n[init]\nsource = \"scratch\"\n";
+
 /// The metrics lines of a run: (step, loss, grad-norm, lr) with the exact floats written.
 fn losses(run: &Path) -> Vec<(u64, f64, f64, f64)> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
@@ -106,10 +111,7 @@ fn kill_9_and_resume_give_the_uninterrupted_losses() {
         std::fs::write(
             &path,
             format!(
-                "[model]\npreset = \"small\"\nimage_size = [16, 32]\npatch_size = [8, 8]\nvision_width = 64\n\
-                 vision_layers = 1\nvision_heads = 1\ntext_width = 64\ntext_layers = 1\ntext_heads = 1\n\
-                 embed_dim = 32\ndecoder_heads = 2\ndropout = 0.1\n[init]\nsource = \"scratch\"\n\
-                 [data]\ntrain = [{:?}]\naugment = true\nworkers = 1\n[optim]\nbatch_size = 4\nmax_steps = 40\n\
+                "{SMALL_MODEL}[data]\ntrain = [{:?}]\naugment = true\nworkers = 1\n[optim]\nbatch_size = 4\nmax_steps = 40\n\
                  [run]\noutput_dir = {:?}\nlog_interval = 3\nval_interval = 1000\nsave_interval = 4\nkeep_last = 2\n",
                 db.display().to_string(),
                 dir.join(name).display().to_string()
@@ -193,9 +195,7 @@ fn the_plot_shows_both_losses_accuracy_and_learning_rate() {
     std::fs::write(
         &config,
         format!(
-            "[model]\npreset = \"small\"\nimage_size = [16, 32]\npatch_size = [8, 8]\nvision_width = 64\n\
-             vision_layers = 1\nvision_heads = 1\ntext_width = 64\ntext_layers = 1\ntext_heads = 1\n\
-             embed_dim = 32\ndecoder_heads = 2\n[init]\nsource = \"scratch\"\n[data]\ntrain = [{db:?}]\n\
+            "{SMALL_MODEL}[data]\ntrain = [{db:?}]\n\
              val = [{db:?}]\naugment = false\nworkers = 1\n[optim]\nbatch_size = 4\nlr = 1e-2\nmax_steps = 12\n\
              [run]\noutput_dir = {:?}\nlog_interval = 1\nval_interval = 3\n",
             dir.join("run").display().to_string(),

@@ -165,6 +165,66 @@ pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// A named part of a timed run and how to read its time.
+pub(crate) type Part<R> = (&'static str, fn(&R) -> Duration);
+
+/// The median and minimum of each named part over the timed runs, `total` last.
+pub(crate) struct Summary(Vec<(&'static str, Duration, Duration)>);
+
+impl Summary {
+    pub(crate) fn of<R>(runs: &[R], parts: &[Part<R>]) -> Self {
+        Self(
+            parts
+                .iter()
+                .map(|(name, pick)| {
+                    let v: Vec<Duration> = runs.iter().map(pick).collect();
+                    let min = v.iter().copied().min().unwrap_or_default();
+                    (*name, median(v), min)
+                })
+                .collect(),
+        )
+    }
+
+    /// The median of part `name`.
+    pub(crate) fn get(&self, name: &str) -> Duration {
+        self.0
+            .iter()
+            .find(|s| s.0 == name)
+            .map_or(Duration::ZERO, |s| s.1)
+    }
+
+    /// `{"part": {"median_ms", "min_ms"}, ..}`.
+    pub(crate) fn json(&self) -> serde_json::Value {
+        self.0
+            .iter()
+            .map(|(name, med, min)| {
+                (
+                    (*name).to_string(),
+                    serde_json::json!({"median_ms": ms(*med), "min_ms": ms(*min)}),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+
+    /// One line per part with its share of the total.
+    pub(crate) fn print_table(&self, heading: &str) {
+        let total = self.get("total").as_secs_f64().max(1e-12);
+        println!(
+            "{heading:<14} {:>11} {:>11} {:>7}",
+            "median ms", "min ms", "share"
+        );
+        for (name, med, min) in &self.0 {
+            let share = 100.0 * med.as_secs_f64() / total;
+            println!(
+                "{name:<14} {:>11.2} {:>11.2} {share:>6.1}%",
+                ms(*med),
+                ms(*min)
+            );
+        }
+    }
+}
+
 pub(crate) fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -292,8 +352,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         runs.push(one_run()?);
     }
 
-    type Pick = fn(&Run) -> Duration;
-    let stages: [(&str, Pick); 8] = [
+    let stages: [Part<Run>; 8] = [
         ("preprocess", |r| r.preprocess),
         ("encoder", |r| r.stages.encoder),
         ("visual_decode", |r| r.stages.visual_decode),
@@ -303,20 +362,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         ("postprocess", |r| r.postprocess),
         ("total", |r| r.total),
     ];
-    let summary: Vec<(&str, Duration, Duration)> = stages
-        .iter()
-        .map(|(name, pick)| {
-            let v: Vec<Duration> = runs.iter().map(pick).collect();
-            let min = v.iter().copied().min().unwrap_or_default();
-            (*name, median(v), min)
-        })
-        .collect();
-    let get = |name: &str| {
-        summary
-            .iter()
-            .find(|s| s.0 == name)
-            .map_or(Duration::ZERO, |s| s.1)
-    };
+    let summary = Summary::of(&runs, &stages);
+    let get = |name: &str| summary.get(name);
     let total = get("total");
     let images_per_second = batch_size as f64 / total.as_secs_f64().max(1e-12);
     let decoding = get("visual_decode") + get("cross_decode") + get("refine");
@@ -338,15 +385,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
 
     match args.format {
         BenchFormat::Json => {
-            let stages: serde_json::Map<String, serde_json::Value> = summary
-                .iter()
-                .map(|(name, med, min)| {
-                    (
-                        (*name).to_string(),
-                        serde_json::json!({"median_ms": ms(*med), "min_ms": ms(*min)}),
-                    )
-                })
-                .collect();
             let doc = serde_json::json!({
                 "model": model_name,
                 "image_size": [input_h, input_w],
@@ -358,7 +396,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 "cpu": cpu_name(),
                 "runs": args.runs,
                 "warmup": args.warmup,
-                "stages": stages,
+                "stages": summary.json(),
                 "images_per_second": images_per_second,
                 "decode_percent_of_encoder": decode_pct,
             });
@@ -375,19 +413,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 args.runs,
                 args.warmup
             );
-            println!(
-                "{:<14} {:>11} {:>11} {:>7}",
-                "stage", "median ms", "min ms", "share"
-            );
-            for (name, med, min) in &summary {
-                let share = 100.0 * med.as_secs_f64() / total.as_secs_f64().max(1e-12);
-                println!(
-                    "{name:<14} {:>11.2} {:>11.2} {:>6.1}%",
-                    ms(*med),
-                    ms(*min),
-                    share
-                );
-            }
+            summary.print_table("stage");
             println!("{images_per_second:.2} images/s end to end (median run)");
             println!("decoding (visual + cross + refine) = {decode_pct:.1}% of encoder time");
         }

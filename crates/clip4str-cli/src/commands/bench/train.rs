@@ -17,7 +17,7 @@ use clip4str::train::{
 };
 use rand::{Rng, SeedableRng};
 
-use super::{cpu_name, median, ms, simd_level, BenchFormat};
+use super::{cpu_name, simd_level, BenchFormat, Part, Summary};
 
 /// What `bench --train` needs from the command line.
 pub struct TrainBench<'a> {
@@ -140,8 +140,7 @@ pub fn run(bench: &TrainBench) -> anyhow::Result<ExitCode> {
         .map(|i| one_step((bench.warmup + i) as u64))
         .collect::<anyhow::Result<_>>()?;
 
-    type Pick = fn(&Step) -> Duration;
-    let phases: [(&str, Pick); 6] = [
+    let phases: [Part<Step>; 6] = [
         ("data", |s| s.data),
         ("forward", |s| s.forward),
         ("backward", |s| s.backward),
@@ -149,30 +148,14 @@ pub fn run(bench: &TrainBench) -> anyhow::Result<ExitCode> {
         ("optimizer", |s| s.optimizer),
         ("total", |s| s.total),
     ];
-    let summary: Vec<(&str, Duration, Duration)> = phases
-        .iter()
-        .map(|(name, pick)| {
-            let v: Vec<Duration> = steps.iter().map(pick).collect();
-            let min = v.iter().copied().min().unwrap_or_default();
-            (*name, median(v), min)
-        })
-        .collect();
-    let total = summary.last().map_or(Duration::ZERO, |s| s.1);
+    let summary = Summary::of(&steps, &phases);
+    let total = summary.get("total");
     let images_per_second = bench.batch_size as f64 / total.as_secs_f64().max(1e-12);
     let threads = rayon::current_num_threads();
     let rss = peak_rss_mib();
     let (min_len, max_len) = bench.label_lengths;
     match bench.format {
         BenchFormat::Json => {
-            let phases: serde_json::Map<String, serde_json::Value> = summary
-                .iter()
-                .map(|(name, med, min)| {
-                    (
-                        (*name).to_string(),
-                        serde_json::json!({"median_ms": ms(*med), "min_ms": ms(*min)}),
-                    )
-                })
-                .collect();
             let doc = serde_json::json!({
                 "preset": bench.preset,
                 "image_size": [h, w],
@@ -186,7 +169,7 @@ pub fn run(bench: &TrainBench) -> anyhow::Result<ExitCode> {
                 "simd": simd_level(),
                 "runs": bench.runs,
                 "warmup": bench.warmup,
-                "phases": phases,
+                "phases": summary.json(),
                 "images_per_second": images_per_second,
                 "peak_rss_mib": rss,
             });
@@ -209,19 +192,7 @@ pub fn run(bench: &TrainBench) -> anyhow::Result<ExitCode> {
                 bench.runs,
                 bench.warmup
             );
-            println!(
-                "{:<10} {:>11} {:>11} {:>7}",
-                "phase", "median ms", "min ms", "share"
-            );
-            for (name, med, min) in &summary {
-                let share = 100.0 * med.as_secs_f64() / total.as_secs_f64().max(1e-12);
-                println!(
-                    "{name:<10} {:>11.2} {:>11.2} {:>6.1}%",
-                    ms(*med),
-                    ms(*min),
-                    share
-                );
-            }
+            summary.print_table("phase");
             println!("{images_per_second:.2} images/s (median step)");
             if let Some(rss) = rss {
                 println!("peak RSS {rss:.0} MiB");
