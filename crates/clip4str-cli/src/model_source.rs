@@ -41,7 +41,8 @@ pub struct ModelArgs {
     #[arg(long)]
     pub offline: bool,
     /// Arithmetic of the linear layers: f32 (parity-tested) or bf16 (bf16 weights and activations, f32
-    /// accumulation; fast with AVX512-BF16, emulated and slow elsewhere).
+    /// accumulation). bf16 needs AVX512-BF16: elsewhere it could only be emulated, slower than f32, so bf16 reads
+    /// in f32 with a note; bf16-always runs bf16 on any CPU (to check bf16 answers where it is emulated).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub precision: Precision,
     /// Where the model runs: cpu, or cuda / cuda:N (a build with `--features cuda`). `--precision bf16` is
@@ -56,34 +57,37 @@ pub enum Precision {
     /// 32-bit floats everywhere.
     #[default]
     F32,
-    /// bf16 linear layers with f32 accumulation.
+    /// bf16 linear layers with f32 accumulation where the CPU has AVX512-BF16; f32 elsewhere.
     Bf16,
+    /// bf16 even where the CPU has to emulate it (slower than f32).
+    #[value(name = "bf16-always")]
+    Bf16Always,
 }
 
 impl Precision {
-    /// The library's setting; warns once on stderr when bf16 has to be emulated.
+    /// The library's setting. bf16 without AVX512-BF16 would be an emulation, 2.4x slower than f32: f32
+    /// instead, said once on stderr.
     pub fn apply(self, opts: RecognizerOptions) -> RecognizerOptions {
         let precision = match self {
             Self::F32 => LibPrecision::F32,
-            Self::Bf16 => {
-                if !clip4str::nn::bf16_native_supported() {
-                    eprintln!(
-                        "warning: this CPU lacks AVX512-BF16; --precision bf16 runs an emulation that is \
-                         slower than f32"
-                    );
-                }
-                LibPrecision::Bf16
+            Self::Bf16 if !clip4str::nn::bf16_native_supported() => {
+                eprintln!(
+                    "note: this CPU has no AVX512-BF16, so bf16 could only be emulated (slower than f32):                      computing in f32 (--precision bf16-always forces bf16)"
+                );
+                LibPrecision::F32
             }
+            Self::Bf16 | Self::Bf16Always => LibPrecision::Bf16,
         };
         RecognizerOptions { precision, ..opts }
     }
+}
 
-    /// The name used in reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::F32 => "f32",
-            Self::Bf16 => "bf16",
-        }
+/// How a recognizer computes, for reports: `f32`, `bf16`, or `bf16 (emulated)`.
+pub fn precision_name(precision: LibPrecision) -> &'static str {
+    match precision {
+        LibPrecision::F32 => "f32",
+        LibPrecision::Bf16 if clip4str::nn::bf16_native_supported() => "bf16",
+        LibPrecision::Bf16 => "bf16 (emulated)",
     }
 }
 

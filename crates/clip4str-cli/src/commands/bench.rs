@@ -20,7 +20,7 @@ use clip4str::train::init::init_weights;
 use image::{ImageFormat, Rgb, RgbImage};
 use rayon::prelude::*;
 
-use crate::model_source::{load_recognizer, ModelArgs};
+use crate::model_source::{load_recognizer, precision_name, ModelArgs};
 
 /// How many decoding steps to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -390,7 +390,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 "image_size": [input_h, input_w],
                 "batch_size": batch_size,
                 "steps": steps_name,
-                "precision": args.weights.precision.name(),
+                "precision": precision_name(recognizer.options().precision),
                 "threads": threads,
                 "build": build,
                 "cpu": cpu_name(),
@@ -405,7 +405,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         BenchFormat::Text => {
             println!(
                 "model {model_name}, input {}x{}, batch {}, steps {steps_name}, {}, {threads} threads, {build}",
-                input_h, input_w, batch_size, args.weights.precision.name()
+                input_h, input_w, batch_size, precision_name(recognizer.options().precision)
             );
             println!(
                 "cpu {}; {} timed runs after {} warm-up",

@@ -41,10 +41,15 @@ pub fn f32_supported() -> bool {
     })
 }
 
-/// Whether this CPU has the AVX512-BF16 instructions the fast bf16 kernel needs.
+/// Whether this CPU has the AVX512-BF16 instructions the fast bf16 kernel needs. `CLIP4STR_NO_AVX512_BF16=1`
+/// says no on any CPU: the portable kernel then runs, as on a CPU without them (to compare the two, or to see
+/// what such a CPU does).
 pub fn native_supported() -> bool {
     static NATIVE: OnceLock<bool> = OnceLock::new();
     *NATIVE.get_or_init(|| {
+        if std::env::var_os("CLIP4STR_NO_AVX512_BF16").is_some_and(|v| v == "1") {
+            return false;
+        }
         #[cfg(target_arch = "x86_64")]
         {
             is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
