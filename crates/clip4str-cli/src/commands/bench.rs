@@ -2,7 +2,10 @@
 //! refinement) on a checkpoint, the bundled model, or random weights of a preset's exact shapes; with
 //! `--train`, the phases of a training step ([`train`]).
 
+mod report;
 mod train;
+
+use report::{cpu_name, BenchFormat, Part, Summary};
 
 use std::collections::HashMap;
 use std::io::Cursor;
@@ -32,15 +35,6 @@ pub enum Steps {
     Seven,
     /// Stop when every image has ended, as `read` does (meaningful for trained weights).
     Auto,
-}
-
-/// Output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum BenchFormat {
-    /// A table.
-    Text,
-    /// One JSON document.
-    Json,
 }
 
 /// Arguments of `clip4str bench`.
@@ -156,87 +150,6 @@ fn random_model(preset: &str, device: &Device) -> anyhow::Result<(Clip4Str, Stri
     Ok((model, format!("{preset} (random weights)")))
 }
 
-pub(crate) fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-pub(crate) fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-/// A named part of a timed run and how to read its time.
-pub(crate) type Part<R> = (&'static str, fn(&R) -> Duration);
-
-/// The median and minimum of each named part over the timed runs, `total` last.
-pub(crate) struct Summary(Vec<(&'static str, Duration, Duration)>);
-
-impl Summary {
-    pub(crate) fn of<R>(runs: &[R], parts: &[Part<R>]) -> Self {
-        Self(
-            parts
-                .iter()
-                .map(|(name, pick)| {
-                    let v: Vec<Duration> = runs.iter().map(pick).collect();
-                    let min = v.iter().copied().min().unwrap_or_default();
-                    (*name, median(v), min)
-                })
-                .collect(),
-        )
-    }
-
-    /// The median of part `name`.
-    pub(crate) fn get(&self, name: &str) -> Duration {
-        self.0
-            .iter()
-            .find(|s| s.0 == name)
-            .map_or(Duration::ZERO, |s| s.1)
-    }
-
-    /// `{"part": {"median_ms", "min_ms"}, ..}`.
-    pub(crate) fn json(&self) -> serde_json::Value {
-        self.0
-            .iter()
-            .map(|(name, med, min)| {
-                (
-                    (*name).to_string(),
-                    serde_json::json!({"median_ms": ms(*med), "min_ms": ms(*min)}),
-                )
-            })
-            .collect::<serde_json::Map<_, _>>()
-            .into()
-    }
-
-    /// One line per part with its share of the total.
-    pub(crate) fn print_table(&self, heading: &str) {
-        let total = self.get("total").as_secs_f64().max(1e-12);
-        println!(
-            "{heading:<14} {:>11} {:>11} {:>7}",
-            "median ms", "min ms", "share"
-        );
-        for (name, med, min) in &self.0 {
-            let share = 100.0 * med.as_secs_f64() / total;
-            println!(
-                "{name:<14} {:>11.2} {:>11.2} {share:>6.1}%",
-                ms(*med),
-                ms(*min)
-            );
-        }
-    }
-}
-
-pub(crate) fn cpu_name() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|n| n.trim().to_string())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
-}
-
 /// `MIN-MAX` (or a single `N`).
 fn parse_range(text: &str) -> Result<(usize, usize), String> {
     let bad = || format!("{text:?} is not MIN-MAX (e.g. 5-10)");
@@ -244,31 +157,6 @@ fn parse_range(text: &str) -> Result<(usize, usize), String> {
     let min = min.trim().parse().map_err(|_| bad())?;
     let max = max.trim().parse().map_err(|_| bad())?;
     Ok((min, max))
-}
-
-/// The widest vector extension this CPU offers for the kernels (the speed of every figure depends on it).
-pub(crate) fn simd_level() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512bf16") {
-            return "AVX-512 with BF16";
-        }
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return "AVX-512";
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return "AVX2";
-        }
-        "SSE"
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
-        "NEON"
-    }
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    {
-        std::env::consts::ARCH
-    }
 }
 
 /// Runs `bench`.

@@ -17,7 +17,7 @@ use clip4str::train::{
 };
 use rand::{Rng, SeedableRng};
 
-use super::{cpu_name, simd_level, BenchFormat, Part, Summary};
+use super::report::{cpu_name, simd_level, BenchFormat, Part, Summary};
 
 /// What `bench --train` needs from the command line.
 pub struct TrainBench<'a> {
