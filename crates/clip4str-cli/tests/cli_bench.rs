@@ -122,6 +122,7 @@ fn train_step_report_has_every_phase() {
         "2",
         "--warmup",
         "0",
+        "--encoder-share",
         "--format",
         "json",
     ]);
@@ -147,4 +148,15 @@ fn train_step_report_has_every_phase() {
     assert!(!doc["simd"].as_str().unwrap().is_empty());
     assert_eq!(doc["label_lengths"], serde_json::json!([3, 5]));
     assert!(doc["peak_rss_mib"].as_f64().is_some_and(|m| m > 0.0));
+    // The encoder alone, forward and backward (a part of the step's, timed apart).
+    for (part, of) in [
+        ("encoder forward", "forward"),
+        ("encoder backward", "backward"),
+    ] {
+        let t = doc["encoder_alone"][part]["median_ms"]
+            .as_f64()
+            .unwrap_or(-1.0);
+        assert!(t > 0.0, "{part}: {doc}");
+        assert!(t < 10.0 * phase(of), "{part} {t} vs {of} {}", phase(of));
+    }
 }

@@ -56,6 +56,9 @@ pub struct BenchArgs {
     /// With --train: PSM permutations per batch.
     #[arg(long, default_value_t = 6, requires = "train")]
     pub perm_num: usize,
+    /// With --train: also time the image encoder alone, forward and backward (the share of the step it takes).
+    #[arg(long, requires = "train")]
+    pub encoder_share: bool,
     /// With --train: the random labels' lengths, MIN-MAX characters.
     #[arg(long, default_value = "5-10", value_parser = parse_range, requires = "train")]
     pub label_length: (usize, usize),
@@ -178,6 +181,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             warmup: args.warmup,
             format: args.format,
             device: args.weights.device.open()?,
+            encoder_share: args.encoder_share,
         });
     }
     let steps = args.steps.unwrap_or(if args.preset.is_some() {

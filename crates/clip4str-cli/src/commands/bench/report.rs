@@ -80,6 +80,13 @@ impl Summary {
             );
         }
     }
+
+    /// One line per part, without shares (parts that are not a total's pieces).
+    pub(crate) fn print_rows(&self) {
+        for (name, med, min) in &self.0 {
+            println!("{name:<17} {:>8.2} {:>11.2}", ms(*med), ms(*min));
+        }
+    }
 }
 
 pub(crate) fn cpu_name() -> String {

@@ -29,6 +29,14 @@ pub struct TrainBench<'a> {
     pub warmup: usize,
     pub format: BenchFormat,
     pub device: Device,
+    /// Also time the image encoder alone, forward and backward.
+    pub encoder_share: bool,
+}
+
+/// One timed forward and backward of the image encoder alone.
+struct EncoderRun {
+    forward: Duration,
+    backward: Duration,
 }
 
 /// One timed step.
@@ -139,6 +147,37 @@ pub fn run(bench: &TrainBench) -> anyhow::Result<ExitCode> {
     let steps: Vec<Step> = (0..bench.runs)
         .map(|i| one_step((bench.warmup + i) as u64))
         .collect::<anyhow::Result<_>>()?;
+    let encoder = if bench.encoder_share {
+        // The encoder's gradient with a fixed random upstream gradient: the same backward work the step does
+        // through it, without the decoders.
+        let images = Tensor::rand(-1f32, 1., (bench.batch_size, 3, h, w), &bench.device)?;
+        let upstream = model.encode(&images)?.detach().rand_like(-1., 1.)?;
+        let one = || -> anyhow::Result<EncoderRun> {
+            let t = Instant::now();
+            let loss = (model.encode(&images)? * &upstream)?.sum_all()?;
+            loss.to_scalar::<f32>()?;
+            let forward = t.elapsed();
+            let t = Instant::now();
+            loss.backward()?;
+            Ok(EncoderRun {
+                forward,
+                backward: t.elapsed(),
+            })
+        };
+        for _ in 0..bench.warmup {
+            one()?;
+        }
+        let runs: Vec<EncoderRun> = (0..bench.runs)
+            .map(|_| one())
+            .collect::<anyhow::Result<_>>()?;
+        let parts: [Part<EncoderRun>; 2] = [
+            ("encoder forward", |r| r.forward),
+            ("encoder backward", |r| r.backward),
+        ];
+        Some(Summary::of(&runs, &parts))
+    } else {
+        None
+    };
 
     let phases: [Part<Step>; 6] = [
         ("data", |s| s.data),
@@ -156,7 +195,7 @@ pub fn run(bench: &TrainBench) -> anyhow::Result<ExitCode> {
     let (min_len, max_len) = bench.label_lengths;
     match bench.format {
         BenchFormat::Json => {
-            let doc = serde_json::json!({
+            let mut doc = serde_json::json!({
                 "preset": bench.preset,
                 "image_size": [h, w],
                 "batch_size": bench.batch_size,
@@ -173,6 +212,9 @@ pub fn run(bench: &TrainBench) -> anyhow::Result<ExitCode> {
                 "images_per_second": images_per_second,
                 "peak_rss_mib": rss,
             });
+            if let Some(encoder) = &encoder {
+                doc["encoder_alone"] = encoder.json();
+            }
             println!("{}", serde_json::to_string_pretty(&doc)?);
         }
         BenchFormat::Text => {
@@ -194,6 +236,10 @@ pub fn run(bench: &TrainBench) -> anyhow::Result<ExitCode> {
             );
             summary.print_table("phase");
             println!("{images_per_second:.2} images/s (median step)");
+            if let Some(encoder) = &encoder {
+                println!("the image encoder alone (inside forward and backward above):");
+                encoder.print_rows();
+            }
             if let Some(rss) = rss {
                 println!("peak RSS {rss:.0} MiB");
             }
