@@ -41,7 +41,7 @@ def read_clip4str(binary, paths):
         capture_output=True,
         text=True,
     ).stdout
-    by_path = {json.loads(line)["path"]: json.loads(line)["text"] for line in out.splitlines()}
+    by_path = {r["path"]: r["text"] for r in map(json.loads, out.splitlines())}
     return [by_path.get(str(p), "") for p in paths]
 
 

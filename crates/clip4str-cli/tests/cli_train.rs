@@ -156,10 +156,8 @@ fn kill_9_and_resume_give_the_uninterrupted_losses() {
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("last.json")).unwrap()).unwrap();
     let at = saved["step"].as_u64().unwrap();
-    assert!(
-        (8..=9).contains(&at) || at.is_multiple_of(4),
-        "last saved at {at}"
-    );
+    // Saved by the 4-step interval, at step 8 or (a late kill) after it.
+    assert!(at >= 8 && at.is_multiple_of(4), "last saved at {at}");
     assert!(run.join(format!("step-{at:08}.safetensors")).is_file());
     train(&["--resume", run.to_str().unwrap()]);
     assert_eq!(losses(&run), want);

@@ -344,22 +344,12 @@ impl Clip4Str {
         memory: &MemoryKv,
         prev_logits: &Tensor,
         num_steps: usize,
-        lengths: Option<&[usize]>,
     ) -> Result<Tensor> {
         let device = prev_logits.device();
         let (b, t, _) = prev_logits.dims3()?;
         let query_mask = cloze_mask(num_steps, t, device)?;
         let content_mask = cloze_mask(t, t, device)?;
-        let mut tgt = shift_with_bos(&argmax_ids(prev_logits)?, self.tokenizer.bos_id(), t);
-        if let Some(lengths) = lengths {
-            // Context beyond a sample's own length becomes EOS, which the padding mask hides: the
-            // attention then equals that of a context of exactly its own length.
-            for (row, &len) in tgt.iter_mut().zip(lengths) {
-                for tok in row.iter_mut().skip(len.max(1)) {
-                    *tok = self.tokenizer.eos_id();
-                }
-            }
-        }
+        let tgt = shift_with_bos(&argmax_ids(prev_logits)?, self.tokenizer.bos_id(), t);
         let pad_mask = padding_mask(&tgt, self.tokenizer.eos_id(), device)?;
         let masks = DecoderMasks {
             query: Some(&query_mask),
@@ -414,7 +404,7 @@ impl Clip4Str {
         let refined = match lengths.as_deref() {
             Some(lengths) if lengths.iter().any(|&l| l != t) => self.refine_by_length(
                 &memory,
-                &visual,
+                &visual.logits,
                 &cross_logits,
                 num_steps,
                 lengths,
@@ -424,10 +414,10 @@ impl Clip4Str {
             )?,
             _ => self.refine(
                 &memory,
-                &visual,
+                &visual.kv,
+                &visual.logits,
                 &cross_logits,
                 num_steps,
-                None,
                 adapter,
                 opts.refine_iters,
                 observer,
@@ -534,39 +524,29 @@ impl Clip4Str {
     fn refine(
         &self,
         memory: &Tensor,
-        visual: &VisualPass,
+        visual_kv: &MemoryKv,
+        visual_logits: &Tensor,
         cross_logits: &Tensor,
         num_steps: usize,
-        lengths: Option<&[usize]>,
         adapter: &CharsetAdapter,
         iters: usize,
         observer: &mut dyn StageObserver,
     ) -> Result<Option<RefinePass>> {
-        let mut vis_logits = visual.logits.clone();
+        let mut vis_logits = visual_logits.clone();
         let mut cross_logits = cross_logits.clone();
         let mut last = None;
         for _ in 0..iters {
             let _span = tracing::debug_span!("refine").entered();
-            let vis_ref = self.refine_pass(
-                &self.visual_decoder,
-                &visual.kv,
-                &vis_logits,
-                num_steps,
-                lengths,
-            )?;
+            let vis_ref =
+                self.refine_pass(&self.visual_decoder, visual_kv, &vis_logits, num_steps)?;
             observer.stage_done(Stage::Refine);
             let text = self.text_encode(&vis_ref, adapter)?;
             observer.stage_done(Stage::TextEncoder);
             let cross_memory = Tensor::cat(&[memory, &text.features], 1)?;
             let cross_kv = self.cross_decoder.memory_kv(&cross_memory)?;
             // A second pass refines the refined logits over the full query length.
-            cross_logits = self.refine_pass(
-                &self.cross_decoder,
-                &cross_kv,
-                &cross_logits,
-                num_steps,
-                lengths,
-            )?;
+            cross_logits =
+                self.refine_pass(&self.cross_decoder, &cross_kv, &cross_logits, num_steps)?;
             observer.stage_done(Stage::Refine);
             vis_logits = vis_ref;
             last = Some(RefinePass {
@@ -588,7 +568,7 @@ impl Clip4Str {
     fn refine_by_length(
         &self,
         memory: &Tensor,
-        visual: &VisualPass,
+        visual_logits: &Tensor,
         cross_logits: &Tensor,
         num_steps: usize,
         lengths: &[usize],
@@ -606,21 +586,15 @@ impl Clip4Str {
         for (len, rows) in groups {
             let index = Tensor::new(rows.as_slice(), device)?;
             let group_memory = memory.index_select(&index, 0)?;
-            let group_visual = VisualPass {
-                kv: self.visual_decoder.memory_kv(&group_memory)?,
-                logits: visual.logits.index_select(&index, 0)?.narrow(1, 0, len)?,
-                tgt: rows
-                    .iter()
-                    .map(|&r| visual.tgt[r as usize].clone())
-                    .collect(),
-            };
+            let group_kv = self.visual_decoder.memory_kv(&group_memory)?;
+            let group_logits = visual_logits.index_select(&index, 0)?.narrow(1, 0, len)?;
             let group_cross = cross_logits.index_select(&index, 0)?.narrow(1, 0, len)?;
             let Some(part) = self.refine(
                 &group_memory,
-                &group_visual,
+                &group_kv,
+                &group_logits,
                 &group_cross,
                 num_steps,
-                None,
                 adapter,
                 iters,
                 observer,

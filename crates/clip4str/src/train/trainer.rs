@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::config::{InitSpec, PositionalInit, TrainConfig};
@@ -714,14 +715,19 @@ impl Trainer {
                 images.push(img);
                 labels.push(label.clone());
             }
-            let preds = rec
-                .recognize(&images)
-                .map_err(|e| TrainError::Config(e.to_string()))?;
-            for (p, gt) in preds.iter().zip(&labels) {
-                total.add(&p.text, gt, f64::from(p.confidence));
-            }
-            for (images, labels) in images.chunks(64).zip(labels.chunks(64)) {
-                self.add_val_loss(&rec, &adapter, images, labels, &mut loss)?;
+            // Each batch is preprocessed once and serves both the reading and the loss.
+            let model_err =
+                |e: crate::recognizer::RecognizerError| TrainError::Config(e.to_string());
+            let batch_size = rec.options().batch_size;
+            for (images, labels) in images.chunks(batch_size).zip(labels.chunks(batch_size)) {
+                let inputs: Vec<Vec<f32>> =
+                    images.par_iter().map(|im| rec.preprocess(im)).collect();
+                let batch = rec.batch_tensor(&inputs).map_err(model_err)?;
+                let preds = rec.recognize_batch(&batch).map_err(model_err)?;
+                for (p, gt) in preds.iter().zip(labels) {
+                    total.add(&p.text, gt, f64::from(p.confidence));
+                }
+                self.add_val_loss(&adapter, &batch, labels, &mut loss)?;
             }
         }
         Ok(Some((total, loss.mean())))
@@ -731,20 +737,18 @@ impl Trainer {
     /// cross-entropy against `[labels, EOS, PAD..]` with PAD ignored.
     fn add_val_loss(
         &self,
-        rec: &Recognizer,
         adapter: &CharsetAdapter,
-        images: &[image::RgbImage],
+        batch: &Tensor,
         labels: &[String],
         loss: &mut ValLoss,
     ) -> Result<(), TrainError> {
         let tokenizer = &self.model.tokenizer;
         // A label the training charset cannot encode has no target; it still counts for accuracy.
-        let (inputs, targets): (Vec<Vec<f32>>, Vec<Vec<u32>>) = images
+        let (rows, targets): (Vec<u32>, Vec<Vec<u32>>) = labels
             .iter()
-            .zip(labels)
-            .filter_map(|(image, label)| {
-                let ids = tokenizer.encode(label).ok()?;
-                Some((rec.preprocess(image), ids[1..].to_vec()))
+            .enumerate()
+            .filter_map(|(row, label)| {
+                Some((row as u32, tokenizer.encode(label).ok()?[1..].to_vec()))
             })
             .unzip();
         let Some(width) = targets.iter().map(Vec::len).max() else {
@@ -757,9 +761,11 @@ impl Trainer {
                 row
             })
             .collect();
-        let batch = rec
-            .batch_tensor(&inputs)
-            .map_err(|e| TrainError::Config(e.to_string()))?;
+        let batch = if rows.len() == labels.len() {
+            batch.clone()
+        } else {
+            batch.index_select(&Tensor::new(rows.as_slice(), batch.device())?, 0)?
+        };
         let opts = crate::model::ForwardOptions {
             max_length: Some(width - 1),
             ..Default::default()
@@ -839,7 +845,7 @@ impl Trainer {
         }
         save_safetensors(&dir.join(&state_name), &opt, &HashMap::new())?;
         self.save("last", m)?;
-        self.prune(&[self.state.step])
+        self.prune(self.state.step)
     }
 
     /// Keeps `last` as `step-<N>.safetensors` too (a hard link, else a copy), with its optimizer state, and
@@ -854,12 +860,12 @@ impl Trainer {
             std::fs::copy(&last, &tmp).map_err(io_err(&tmp))?;
         }
         std::fs::rename(&tmp, &name).map_err(io_err(&name))?;
-        self.prune(&[self.state.step])
+        self.prune(self.state.step)
     }
 
-    /// Deletes old snapshots (all but the newest `keep_last`) and every optimizer state that neither
-    /// `keep` nor a kept snapshot needs.
-    fn prune(&self, keep: &[usize]) -> Result<(), TrainError> {
+    /// Deletes old snapshots (all but the newest `keep_last`) and every optimizer state that neither `last`
+    /// (at step `last`) nor a kept snapshot needs.
+    fn prune(&self, last: usize) -> Result<(), TrainError> {
         let dir = &self.cfg.run.output_dir;
         let step_of = |name: &str, prefix: &str| -> Option<usize> {
             name.strip_prefix(prefix)?
@@ -882,7 +888,7 @@ impl Trainer {
         let kept = &snapshots[cut..];
         for name in &names {
             if let Some(step) = step_of(name, "state-") {
-                if !keep.contains(&step) && !kept.contains(&step) {
+                if step != last && !kept.contains(&step) {
                     std::fs::remove_file(dir.join(name)).ok();
                 }
             }
