@@ -394,3 +394,63 @@ fn bad_specs_name_the_file_and_the_problem() {
     let err = open_dataset(&spec).err().expect("refused").to_string();
     assert!(err.contains("count must be at least 1"), "{err}");
 }
+
+#[test]
+fn long_share_spreads_labels_over_the_long_lengths_and_zero_changes_nothing() {
+    let labels = |share: f32| {
+        let synth = Synthesizer::new(SynthConfig {
+            long_share: share,
+            ..fixture_config(7)
+        })
+        .expect("synthesizer");
+        (0..2000).map(|i| synth.label(i)).collect::<Vec<_>>()
+    };
+    // Labels of seed 7 as generated before the option existed: a spec without it keeps its samples.
+    let plain = labels(0.0);
+    assert_eq!(
+        plain[..6],
+        [
+            "west",
+            "0YPGJO2FLMIQ",
+            "jlgm",
+            "laundry;",
+            "No.601",
+            "-GAMES-"
+        ],
+        "{:?}",
+        &plain[..6]
+    );
+    let share = |labels: &[String], min: usize| {
+        labels.iter().filter(|l| l.len() >= min).count() as f64 / labels.len() as f64
+    };
+    let long = labels(0.3);
+    assert!(long.iter().all(|l| (1..=25).contains(&l.len())));
+    assert!(long
+        .iter()
+        .all(|l| l.chars().all(|c| CHARSET_94.contains(c))));
+    let (plain_12, long_12) = (share(&plain, 12), share(&long, 12));
+    assert!(
+        (long_12 - (0.3 + 0.7 * plain_12)).abs() < 0.04,
+        "12+ characters: {long_12} with the option, {plain_12} without"
+    );
+    // Lengths spread evenly over 12-25: about half of the long draws have 19 or more characters.
+    let long_19 = share(&long, 19) - share(&plain, 19) * 0.7;
+    assert!((0.11..0.19).contains(&long_19), "19+ characters: {long_19}");
+    assert!(
+        share(&plain, 19) < 0.03,
+        "19+ without the option: {}",
+        share(&plain, 19)
+    );
+
+    let bad = |share: f32, max: usize| {
+        Synthesizer::new(SynthConfig {
+            long_share: share,
+            max_label_length: max,
+            ..fixture_config(7)
+        })
+        .expect_err("invalid")
+        .to_string()
+    };
+    assert!(bad(1.5, 25).contains("long_share 1.5 is not from 0 to 1"));
+    assert!(bad(0.2, 8).contains("max_label_length is 8"));
+}

@@ -75,6 +75,10 @@ pub struct SynthArgs {
     /// Longest label in characters (1-25); shorter words make an easier set for the start of training.
     #[arg(long, default_value_t = MAX_LABEL_LENGTH, value_parser = parse_max_length)]
     pub max_length: usize,
+    /// Share of labels drawn long (12 to --max-length characters, lengths spread evenly), e.g. 0.25: the
+    /// natural mix has few of 16 or more characters. 0 keeps the images of a set made without the option.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
+    pub long_share: f32,
     /// Fonts to draw from: all, or one side of the held-out font split.
     #[arg(long, value_enum, default_value_t = SplitArg::All)]
     pub font_split: SplitArg,
@@ -100,6 +104,13 @@ fn parse_size(text: &str) -> Result<[u32; 2], String> {
             .map_err(|_| format!("{v:?} in {text:?} is not a pixel count"))
     };
     Ok([parse(h)?, parse(w)?])
+}
+
+fn parse_share(text: &str) -> Result<f32, String> {
+    match text.trim().parse::<f32>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{text:?} is not a share from 0 to 1")),
+    }
 }
 
 fn parse_max_length(text: &str) -> Result<usize, String> {
@@ -197,6 +208,7 @@ pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
         size: args.size,
         height: args.height,
         max_label_length: args.max_length,
+        long_share: args.long_share,
     };
     let synth = Synthesizer::new(cfg).context("setting up the synthesizer")?;
     for skipped in &synth.font_report().skipped {

@@ -73,7 +73,14 @@ pub struct SynthConfig {
     pub height: [u32; 2],
     /// Longest label generated (characters).
     pub max_label_length: usize,
+    /// Share of labels drawn long ([`LONG_LABEL`] to `max_label_length` characters, lengths spread evenly):
+    /// the natural mix has few words of 16 or more characters, and a model trained on it reads none. 0 keeps
+    /// every sample identical to a generator without the option.
+    pub long_share: f32,
 }
+
+/// Shortest label [`SynthConfig::long_share`] counts as long.
+pub const LONG_LABEL: usize = 12;
 
 impl Default for SynthConfig {
     fn default() -> Self {
@@ -85,6 +92,7 @@ impl Default for SynthConfig {
             size: None,
             height: [32, 64],
             max_label_length: MAX_LABEL_LENGTH,
+            long_share: 0.0,
         }
     }
 }
@@ -201,6 +209,7 @@ pub struct Synthesizer {
     size: Option<[u32; 2]>,
     height: [u32; 2],
     max_label_length: usize,
+    long_share: f32,
     words: Vec<String>,
     fonts: FontSet,
 }
@@ -239,6 +248,18 @@ impl Synthesizer {
                 "max_label_length must be at least 1".to_owned(),
             ));
         }
+        if !(0.0..=1.0).contains(&cfg.long_share) {
+            return Err(SynthError::InvalidConfig(format!(
+                "long_share {} is not from 0 to 1",
+                cfg.long_share
+            )));
+        }
+        if cfg.long_share > 0.0 && cfg.max_label_length < LONG_LABEL {
+            return Err(SynthError::InvalidConfig(format!(
+                "long_share needs labels of {LONG_LABEL} or more characters, but max_label_length is {}",
+                cfg.max_label_length
+            )));
+        }
         let fonts = FontSet::load(&cfg.fonts, cfg.font_split);
         if fonts.fonts.is_empty() {
             return Err(SynthError::NoFonts {
@@ -260,6 +281,7 @@ impl Synthesizer {
             size: cfg.size,
             height: cfg.height,
             max_label_length: cfg.max_label_length,
+            long_share: cfg.long_share,
             words,
             fonts,
         })
@@ -318,7 +340,13 @@ impl Synthesizer {
     /// Draws a label and a font that has all of its glyphs.
     fn pick_text_and_font(&self, rng: &mut ChaCha8Rng) -> (String, usize) {
         for _ in 0..8 {
-            let label = text::sample_label(rng, &self.words, self.max_label_length);
+            // The long draw only when asked for, so that specs without it keep their samples.
+            let long = self.long_share > 0.0 && rng.random::<f32>() < self.long_share;
+            let label = if long {
+                text::sample_long_label(rng, &self.words, LONG_LABEL, self.max_label_length)
+            } else {
+                text::sample_label(rng, &self.words, self.max_label_length)
+            };
             let mask = label_mask(&label);
             if let Some(font) = self.fonts.pick(rng, mask) {
                 return (label, font);

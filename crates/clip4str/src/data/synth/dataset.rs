@@ -24,7 +24,7 @@ use super::{find_sources, FontSplit, OutputFormat, SynthConfig, Synthesizer, MAX
 use crate::data::{DataError, Dataset};
 
 /// The settings of an on-the-fly synthetic dataset, as written in its `.toml` spec.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SynthSpec {
     /// Number of records.
@@ -53,6 +53,9 @@ pub struct SynthSpec {
     /// `png` or `jpeg`.
     #[serde(default)]
     pub format: OutputFormat,
+    /// Share of long labels (see [`SynthConfig::long_share`]); 0 by default.
+    #[serde(default)]
+    pub long_share: f32,
 }
 
 fn default_height() -> [u32; 2] {
@@ -123,6 +126,7 @@ impl SynthDataset {
             size: spec.size,
             height: spec.height,
             max_label_length: spec.max_length,
+            long_share: spec.long_share,
         })
         .map_err(|e| bad(e.to_string()))?;
         Ok(Self {

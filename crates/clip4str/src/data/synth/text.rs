@@ -175,6 +175,47 @@ pub(super) fn sample_label<R: Rng>(rng: &mut R, words: &[String], max_len: usize
     random_from(rng, ALNUM, len)
 }
 
+/// Draws one label of a length drawn evenly from `min_len..=max_len` (give or take two characters): scene text
+/// of that length where the generator makes it (addresses, codes, joined words), else words joined until long
+/// enough. `words` must not be empty; `1 <= min_len <= max_len`.
+pub(super) fn sample_long_label<R: Rng>(
+    rng: &mut R,
+    words: &[String],
+    min_len: usize,
+    max_len: usize,
+) -> String {
+    let target = rng.random_range(min_len..=max_len);
+    let (lo, hi) = (
+        target.saturating_sub(2).max(min_len),
+        (target + 2).min(max_len),
+    );
+    for _ in 0..4 {
+        let label = sample_any(rng, words);
+        if (lo..=hi).contains(&label.len()) {
+            return label;
+        }
+    }
+    // One casing for the whole label, as signs print long names (`FIRE-STATION`, `BookShop`, `post.office`).
+    let casing = rng.random_range(0..3);
+    let case = |word: &str| match casing {
+        0 => word.to_ascii_lowercase(),
+        1 => title_case(&word.to_ascii_lowercase()),
+        _ => word.to_ascii_uppercase(),
+    };
+    for _ in 0..8 {
+        let mut label = case(&words[rng.random_range(0..words.len())]);
+        while label.len() < lo {
+            let joiner = JOINERS[rng.random_range(0..JOINERS.len())];
+            let next = case(&words[rng.random_range(0..words.len())]);
+            label = format!("{label}{joiner}{next}");
+        }
+        if label.len() <= hi {
+            return label;
+        }
+    }
+    random_from(rng, ALNUM, target)
+}
+
 fn sample_any<R: Rng>(rng: &mut R, words: &[String]) -> String {
     let mut pick = rng.random::<f32>() * SOURCES.iter().map(|(_, w)| w).sum::<f32>();
     let mut source = Source::Word;
