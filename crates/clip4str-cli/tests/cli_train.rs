@@ -74,6 +74,59 @@ fn first_lines_name_the_data_and_the_model() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// The line after the model's says what the linear layers multiply in: bf16 on a CPU with AVX512-BF16 unless
+/// f32 is asked for; f32 elsewhere, with a note when bf16 was asked for. `CLIP4STR_NO_AVX512_BF16=1` plays
+/// a CPU without the instructions, so every case runs on every machine.
+#[test]
+fn the_precision_line_names_what_the_run_multiplies_in() {
+    let dir = temp_dir("precision");
+    let db = dir.join("data");
+    write_lmdb(&db, 4);
+    let config = dir.join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{SMALL_MODEL}[data]\ntrain = [{:?}]\naugment = false\nworkers = 1\n[optim]\nbatch_size = 2\n\
+             max_steps = 1\n[run]\noutput_dir = {:?}\nlog_interval = 1\n",
+            db.display().to_string(),
+            dir.join("run").display().to_string()
+        ),
+    )
+    .unwrap();
+    let native = clip4str::nn::bf16_native_supported();
+    let line = |precision: &str, no_bf16: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_clip4str"));
+        cmd.args([
+            "--threads",
+            "1",
+            "train",
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        cmd.args(["--precision", precision]);
+        if no_bf16 {
+            cmd.env("CLIP4STR_NO_AVX512_BF16", "1");
+        }
+        let out = cmd.output().unwrap();
+        let err = stderr(&out);
+        assert!(out.status.success(), "{err}");
+        std::fs::remove_dir_all(dir.join("run")).unwrap();
+        err.lines().nth(3).unwrap_or_default().to_owned()
+    };
+    let bf16 = "precision: bf16 products, f32 weights and accumulation (this CPU has AVX512-BF16)";
+    let f32_auto = "precision: f32 (bf16 needs a CPU with AVX512-BF16)";
+    assert_eq!(line("auto", false), if native { bf16 } else { f32_auto });
+    assert_eq!(line("bf16", false).starts_with("note: "), !native);
+    assert_eq!(line("f32", false), "precision: f32");
+    assert_eq!(line("auto", true), f32_auto);
+    let note = line("bf16", true);
+    assert!(
+        note.starts_with("note: no AVX512-BF16") && note.ends_with("training in f32"),
+        "{note}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A model small enough for a step to take a fraction of a second in a debug build, trained from scratch.
 const SMALL_MODEL: &str = "[model]\npreset = \"small\"\nimage_size = [16, 32]\npatch_size = [8, 8]\n\
     vision_width = 64\nvision_layers = 1\nvision_heads = 1\ntext_width = 64\ntext_layers = 1\ntext_heads = 1\n\

@@ -182,6 +182,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             format: args.format,
             device: args.weights.device.open()?,
             encoder_share: args.encoder_share,
+            precision: args
+                .weights
+                .precision
+                .apply(RecognizerOptions::default())
+                .precision,
         });
     }
     let steps = args.steps.unwrap_or(if args.preset.is_some() {

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use clip4str::train::{StepMetrics, TrainConfig, TrainObserver, Trainer};
+use clip4str::nn::Precision;
+use clip4str::train::{StepMetrics, TrainConfig, TrainObserver, TrainPrecision, Trainer};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::device::DeviceArg;
@@ -44,10 +45,53 @@ pub struct TrainArgs {
     /// Override run.seed.
     #[arg(long, conflicts_with = "resume")]
     pub seed: Option<u64>,
+    /// Override run.precision: auto (bf16 products where the CPU has AVX512-BF16, else f32), f32, or bf16
+    /// (f32 with a note on CPUs without AVX512-BF16).
+    #[arg(long, value_enum, conflicts_with = "resume")]
+    pub precision: Option<PrecisionArg>,
     /// Where to train: cpu, or cuda / cuda:N (a build with `--features cuda`). Not part of the run: a run
     /// can be resumed on another device.
     #[arg(long, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
+}
+
+/// `--precision` values (run.precision).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrecisionArg {
+    /// bf16 where the CPU has AVX512-BF16, f32 elsewhere.
+    Auto,
+    /// f32 everywhere.
+    F32,
+    /// bf16 products, f32 weights and accumulation.
+    Bf16,
+}
+
+impl From<PrecisionArg> for TrainPrecision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::Auto => Self::Auto,
+            PrecisionArg::F32 => Self::F32,
+            PrecisionArg::Bf16 => Self::Bf16,
+        }
+    }
+}
+
+/// What the run multiplies in, and why, e.g. `precision: bf16 products, f32 weights and accumulation
+/// (AVX512-BF16)`; a note when bf16 was asked for and cannot be had.
+fn precision_line(trainer: &Trainer) -> String {
+    match (trainer.config().run.precision, trainer.precision()) {
+        (_, Precision::Bf16) => {
+            "precision: bf16 products, f32 weights and accumulation (this CPU has AVX512-BF16)"
+                .into()
+        }
+        (TrainPrecision::Bf16, _) => {
+            "note: no AVX512-BF16 here (or not a CPU), where bf16 could only be \
+             emulated, slower than f32: training in f32"
+                .into()
+        }
+        (TrainPrecision::Auto, _) => "precision: f32 (bf16 needs a CPU with AVX512-BF16)".into(),
+        (TrainPrecision::F32, _) => "precision: f32".into(),
+    }
 }
 
 /// Progress bar, and `loss.png` re-drawn at every validation.
@@ -297,6 +341,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
             if let Some(s) = args.seed {
                 cfg.run.seed = s;
             }
+            if let Some(p) = args.precision {
+                cfg.run.precision = p.into();
+            }
             Trainer::new_on(cfg, &device)
                 .with_context(|| format!("starting the run of {}", path.display()))?
         }
@@ -334,6 +381,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         out_dir.display()
     );
     eprintln!("{}", model_line(&trainer));
+    eprintln!("{}", precision_line(&trainer));
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::with_draw_target(
             Some(trainer.total_steps() as u64),

@@ -20,7 +20,11 @@ pub(crate) fn trainable(tensors: &[&Tensor]) -> bool {
 }
 
 /// Column sums of `rows` rows of `width`, over rayon chunks.
-fn column_sums(width: usize, rows: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+pub(super) fn column_sums(
+    width: usize,
+    rows: usize,
+    row: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
     let per_task = PARALLEL_GRAIN.div_ceil(width.max(1)).max(1);
     (0..rows.div_ceil(per_task))
         .into_par_iter()

@@ -191,6 +191,11 @@ impl PackedLinear {
     /// Packs `weight [N, K]` and the optional `bias [N]` (any float dtype).
     pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
         let (n, k, w, bias) = weight_and_bias(weight, bias)?;
+        Ok(Self::from_rows(&w, n, k, bias))
+    }
+
+    /// Packs `w [N, K]` (row-major f32) with `bias` already padded to whole panels.
+    pub(super) fn from_rows(w: &[f32], n: usize, k: usize, bias: Vec<f32>) -> Self {
         let pairs = k.div_ceil(2);
         let mut data = vec![0u16; n.div_ceil(PANEL) * pairs * PANEL * 2];
         for col in 0..n {
@@ -200,13 +205,20 @@ impl PackedLinear {
                 data[((panel * pairs + p) * PANEL + c) * 2 + e] = to_bf16_bits(v);
             }
         }
-        Ok(Self {
+        Self {
             n,
             k,
             pairs,
             data,
             bias,
-        })
+        }
+    }
+
+    /// A bias of `n` values zero-padded to whole panels, as [`Self::from_rows`] takes it.
+    pub(super) fn padded_bias(bias: &[f32], n: usize) -> Vec<f32> {
+        let mut padded = vec![0f32; n.div_ceil(PANEL) * PANEL];
+        padded[..bias.len().min(n)].copy_from_slice(&bias[..bias.len().min(n)]);
+        padded
     }
 
     /// `x W^T + b` for `x [.., K]` (f32, any rank); `None` when `x` is not an f32 CPU tensor outside an
@@ -219,9 +231,42 @@ impl PackedLinear {
         forward_rows(x, self.k, self.n, &op)
     }
 
-    /// `x [M, K]` (row-major f32) times the packed weight into `out [M, N]`, plus bias.
-    fn run(&self, x: &[f32], m: usize, out: &mut [f32], native: bool) {
-        // Activations as bf16 pairs, rows padded to an even length.
+    /// Packs the transpose of `src [rows, cols]` (row-major f32) as the weight: `[cols, rows]`, no bias.
+    /// Training's input gradient multiplies by `W`, the transpose of a layer's `W^T`; reading the source row
+    /// by row keeps the writes inside one panel, where packing a transposed copy would scatter them.
+    pub(super) fn from_transposed(src: &[f32], rows: usize, cols: usize) -> Self {
+        let (n, k) = (cols, rows);
+        let pairs = k.div_ceil(2);
+        let panels = n.div_ceil(PANEL);
+        let mut data = vec![0u16; panels * pairs * PANEL * 2];
+        let panel_len = pairs * PANEL * 2;
+        let fill = |(panel, dst): (usize, &mut [u16])| {
+            let c0 = panel * PANEL;
+            let width = (n - c0).min(PANEL);
+            for (i, row) in src.chunks_exact(cols).enumerate() {
+                let (p, e) = (i / 2, i % 2);
+                let out = &mut dst[p * PANEL * 2..(p + 1) * PANEL * 2];
+                for (c, &v) in row[c0..c0 + width].iter().enumerate() {
+                    out[c * 2 + e] = to_bf16_bits(v);
+                }
+            }
+        };
+        if rows * cols >= 64 * 1024 {
+            data.par_chunks_mut(panel_len).enumerate().for_each(fill);
+        } else {
+            data.chunks_mut(panel_len).enumerate().for_each(fill);
+        }
+        Self {
+            n,
+            k,
+            pairs,
+            data,
+            bias: vec![0f32; panels * PANEL],
+        }
+    }
+
+    /// Input rows `x [M, K]` (row-major f32) as the kernel's bf16 pairs, each row padded to an even length.
+    fn convert_rows(&self, x: &[f32], m: usize, native: bool) -> Vec<u16> {
         let mut a = vec![0u16; m * self.pairs * 2];
         let width = self.pairs * 2;
         let convert = |(row, dst): (usize, &mut [u16])| {
@@ -233,6 +278,13 @@ impl PackedLinear {
         } else {
             a.chunks_mut(width).enumerate().for_each(convert);
         }
+        a
+    }
+
+    /// `x [M, K]` (row-major f32) times the packed weight into `out [M, N]`, plus bias.
+    pub(super) fn run(&self, x: &[f32], m: usize, out: &mut [f32], native: bool) {
+        let a = self.convert_rows(x, m, native);
+        let width = self.pairs * 2;
         let panel_len = self.pairs * PANEL * 2;
         for_each_tile(m, self.n, self.k, out, |row, rows, panel, cols, c| {
             let b = &self.data[panel * panel_len..(panel + 1) * panel_len];

@@ -222,6 +222,22 @@ pub struct RunSpec {
     pub save_minutes: f64,
     /// `step-<N>` snapshots kept (the oldest are deleted), each resumable with its optimizer state.
     pub keep_last: usize,
+    /// Arithmetic of the linear layers' products, forward and backward.
+    pub precision: TrainPrecision,
+}
+
+/// How a run multiplies in its linear layers; the weights, optimizer state and everything else stay f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainPrecision {
+    /// bf16 where the CPU has AVX512-BF16 (about twice the multiply rate of f32 there), f32 elsewhere.
+    #[default]
+    Auto,
+    /// f32 everywhere: what the parity tests check against the reference.
+    F32,
+    /// bf16 products with f32 accumulation and f32 master weights; f32 (with a note from the CLI) on CPUs
+    /// without AVX512-BF16, where bf16 could only be emulated, slower than f32.
+    Bf16,
 }
 
 impl Default for RunSpec {
@@ -235,6 +251,7 @@ impl Default for RunSpec {
             save_interval: 0,
             save_minutes: 10.0,
             keep_last: 2,
+            precision: TrainPrecision::Auto,
         }
     }
 }

@@ -18,7 +18,9 @@ mod config;
 pub mod init;
 mod trainer;
 
-pub use config::{DataSpec, InitSpec, ModelSpec, OptimSpec, PositionalInit, RunSpec, TrainConfig};
+pub use config::{
+    DataSpec, InitSpec, ModelSpec, OptimSpec, PositionalInit, RunSpec, TrainConfig, TrainPrecision,
+};
 // The pieces of a training step that the parity tests check against the reference are public; helpers used
 // only inside a step (CTC and cross-entropy kernels, parameter grouping, the freezing rule) are not exported.
 pub use ctc::{CtcHead, CTC_HEAD_PREFIX};
@@ -29,7 +31,7 @@ pub use optim::{
 pub use params::ParamStore;
 pub use perms::{gen_tgt_perms, generate_attn_masks};
 pub use schedule::OneCycleLr;
-pub use trainer::{StepMetrics, TrainObserver, Trainer};
+pub use trainer::{effective_precision, StepMetrics, TrainObserver, Trainer};
 
 use crate::charset::CharsetError;
 

@@ -24,7 +24,7 @@ use rand::SeedableRng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::config::{InitSpec, PositionalInit, TrainConfig};
+use super::config::{InitSpec, PositionalInit, TrainConfig, TrainPrecision};
 use super::ctc::ctc_loss;
 use super::init::{initial_weights, sincos_positional, InitSource, VISUAL_POSITIONAL};
 use super::{
@@ -38,6 +38,7 @@ use crate::data::loader::{Batches, TrainLoader, TrainLoaderConfig};
 use crate::data::{open_dataset, Dataset};
 use crate::eval::DatasetResult;
 use crate::model::Clip4Str;
+use crate::nn::{Mode, Precision};
 use crate::preprocess::{decode_rgb, Normalization};
 use crate::recognizer::{Recognizer, RecognizerOptions};
 
@@ -114,6 +115,16 @@ pub struct Trainer {
     stop_at: Option<usize>,
     history: Vec<StepMetrics>,
     device: Device,
+}
+
+/// What a run's [`TrainPrecision`] computes in on `device`: bf16 only on a CPU with AVX512-BF16 (the GPU
+/// path and emulated bf16 stay f32).
+pub fn effective_precision(wanted: TrainPrecision, device: &Device) -> Precision {
+    let native = device.is_cpu() && crate::nn::bf16_native_supported();
+    match wanted {
+        TrainPrecision::Auto | TrainPrecision::Bf16 if native => Precision::Bf16,
+        _ => Precision::F32,
+    }
 }
 
 /// What one optimizer step did.
@@ -305,7 +316,11 @@ impl Trainer {
     ) -> Result<Self, TrainError> {
         let device = device.clone();
         let store = ParamStore::new(&model_cfg, weights, DType::F32, &device)?;
-        let model = store.build_model(&model_cfg)?;
+        let mut model = store.build_model(&model_cfg)?;
+        model.set_mode(Mode {
+            precision: effective_precision(cfg.run.precision, &device),
+            ..Mode::default()
+        });
         let o = &cfg.optim;
         let repeat = &cfg.data.repeat;
         if !repeat.is_empty() && repeat.len() != cfg.data.train.len() {
@@ -446,6 +461,16 @@ impl Trainer {
     /// The model configuration.
     pub fn model_config(&self) -> &Clip4StrConfig {
         &self.model_cfg
+    }
+
+    /// The run's configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    /// What the linear layers compute in (the run's `precision` on this CPU).
+    pub fn precision(&self) -> Precision {
+        effective_precision(self.cfg.run.precision, &self.device)
     }
 
     /// Optimizer steps done so far.

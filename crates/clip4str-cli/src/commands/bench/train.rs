@@ -10,14 +10,16 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor, Var};
 use clip4str::config::Clip4StrConfig;
-use clip4str::nn::DropoutStream;
+use clip4str::nn::{DropoutStream, Mode, Precision};
 use clip4str::train::init::init_weights;
 use clip4str::train::{
-    clip_grad_norm, gen_tgt_perms, training_loss, AdamW, LossOptions, OptimizerConfig, ParamStore,
+    clip_grad_norm, effective_precision, gen_tgt_perms, training_loss, AdamW, LossOptions,
+    OptimizerConfig, ParamStore, TrainPrecision,
 };
 use rand::{Rng, SeedableRng};
 
 use super::report::{cpu_name, simd_level, BenchFormat, Part, Summary};
+use crate::model_source::precision_name;
 
 /// What `bench --train` needs from the command line.
 pub struct TrainBench<'a> {
@@ -31,6 +33,8 @@ pub struct TrainBench<'a> {
     pub device: Device,
     /// Also time the image encoder alone, forward and backward.
     pub encoder_share: bool,
+    /// What the linear layers multiply in (bf16 only where the CPU has AVX512-BF16).
+    pub precision: Precision,
 }
 
 /// One timed forward and backward of the image encoder alone.
@@ -79,7 +83,19 @@ pub fn run(bench: &TrainBench) -> anyhow::Result<ExitCode> {
     }
     let weights: HashMap<String, Tensor> = init_weights(&cfg, 0)?.into_iter().collect();
     let store = ParamStore::new(&cfg, &weights, DType::F32, &bench.device)?;
-    let model = store.build_model(&cfg)?;
+    let mut model = store.build_model(&cfg)?;
+    // Training has no emulated bf16 (it would be slower than f32): bf16 only where the CPU has it.
+    let precision = effective_precision(
+        match bench.precision {
+            Precision::Bf16 => TrainPrecision::Bf16,
+            Precision::F32 => TrainPrecision::F32,
+        },
+        &bench.device,
+    );
+    model.set_mode(Mode {
+        precision,
+        ..Mode::default()
+    });
     let opt_cfg = OptimizerConfig {
         batch_size: bench.batch_size,
         ..OptimizerConfig::default()
@@ -206,6 +222,7 @@ pub fn run(bench: &TrainBench) -> anyhow::Result<ExitCode> {
                 "threads": threads,
                 "cpu": cpu_name(),
                 "simd": simd_level(),
+                "precision": precision_name(precision),
                 "runs": bench.runs,
                 "warmup": bench.warmup,
                 "phases": summary.json(),
@@ -220,12 +237,13 @@ pub fn run(bench: &TrainBench) -> anyhow::Result<ExitCode> {
         BenchFormat::Text => {
             println!(
                 "training step: preset {}, input {h}x{w}, batch {}, {} permutations, labels of {min_len}-{max_len} \
-                 characters, {:.2} M parameters ({:.2} M trainable), {threads} threads",
+                 characters, {:.2} M parameters ({:.2} M trainable), {threads} threads, {}",
                 bench.preset,
                 bench.batch_size,
                 bench.perm_num,
                 total_params as f64 / 1e6,
-                trainable as f64 / 1e6
+                trainable as f64 / 1e6,
+                precision_name(precision)
             );
             println!(
                 "cpu {} ({}); {} timed steps after {} warm-up",
