@@ -282,18 +282,15 @@ impl Module for Linear {
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let weight = self.weight()?;
-        let x2 = x.reshape((rows, in_dim))?;
         if self.mode.precision == Precision::Bf16 && (x.track_op() || weight.track_op()) {
-            // Training in bf16: the product and both of its gradients on the bf16 kernel.
+            // Training in bf16: the product and its input gradient on the bf16 kernel.
             if let Some(b) = &self.bias {
-                if let Some(y) = packed_grad::linear(&x2, &weight, b)? {
-                    let mut out_dims = dims.to_vec();
-                    *out_dims.last_mut().expect("rank >= 1") = weight.dim(0)?;
-                    return y.reshape(out_dims);
+                if let Some(y) = packed_grad::linear(x, &weight, b)? {
+                    return Ok(y);
                 }
             }
         }
-        let y = x2.matmul(&weight.t()?)?;
+        let y = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?;
         let y = match &self.bias {
             Some(b)
                 if self.mode.fused

@@ -6,14 +6,15 @@
 //! Only CPUs with AVX512-BF16 take this path ([`linear`] answers `None` elsewhere): emulated bf16 is slower
 //! than f32, so training there stays in f32.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::fused_grad::{column_sums, trainable};
 use super::packed::{native_supported, PackedLinear};
 use super::rows::contiguous;
 
-/// `x [M, K] W^T + b` with `w [N, K]`, `b [N]`, differentiable in all three; `None` when the CPU lacks
-/// AVX512-BF16 or a tensor is not f32 on the CPU (the caller keeps its f32 path).
+/// `x [.., K] W^T + b` with `w [N, K]`, `b [N]`, differentiable in all three; `None` when the CPU lacks
+/// AVX512-BF16 or a tensor is not f32 on the CPU (the caller keeps its f32 path). Any leading dims are rows:
+/// one graph node instead of a reshape on each side, each of which cost a full copy of its gradient.
 pub(crate) fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     if !native_supported() || !trainable(&[x, w, b]) {
         return Ok(None);
@@ -42,11 +43,13 @@ impl CustomOp3 for Bf16Linear {
         let x = contiguous(s1, l1, self.name())?;
         let w = contiguous(s2, l2, self.name())?;
         let b = contiguous(s3, l3, self.name())?;
-        let (m, k) = l1.shape().dims2()?;
+        let dims = l1.dims();
+        let k = dims.last().copied().unwrap_or(0);
+        let m = x.len() / k.max(1);
         let (n, wk) = l2.shape().dims2()?;
         if wk != k || b.len() != n {
             candle_core::bail!(
-                "{}: input [{m}, {k}], weight [{n}, {wk}] and bias [{}] do not fit",
+                "{}: input {dims:?}, weight [{n}, {wk}] and bias [{}] do not fit",
                 self.name(),
                 b.len()
             );
@@ -54,7 +57,9 @@ impl CustomOp3 for Bf16Linear {
         let packed = PackedLinear::from_rows(w, n, k, PackedLinear::padded_bias(b, n));
         let mut out = vec![0f32; m * n];
         packed.run(x, m, &mut out, true);
-        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("rank >= 1") = n;
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
     }
 
     fn bwd(
@@ -65,27 +70,41 @@ impl CustomOp3 for Bf16Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = grad.contiguous()?;
-        let dx = g.apply_op2_no_bwd(&w.detach(), &InputGrad)?;
+        // Outside the graph, as rows: reshaping detached tensors copies nothing.
+        let (n, k) = w.dims2()?;
+        let g = grad.detach().contiguous()?;
+        let g = g.reshape((g.elem_count() / n.max(1), n))?;
+        let x2 = x.detach().reshape((x.elem_count() / k.max(1), k))?;
+        let dx = g
+            .apply_op2_no_bwd(&w.detach(), &InputGrad)?
+            .reshape(x.shape())?;
         // The weight's gradient `G^T X` stays an f32 product: its sum runs over all M rows, which the bf16
         // kernel needs transposed into pairs, and that conversion cost as much as the product saved
         // (measured: 8192 rows, 192 -> 576, 18 ms either way on an AMD EPYC with 2 threads).
-        let dw = g.t()?.matmul(&x.detach())?;
-        let n = b.elem_count();
-        let data = contiguous_vec(&g)?;
-        let rows = data.len() / n.max(1);
-        let sums = column_sums(n, rows, |i, acc| {
-            for (a, v) in acc.iter_mut().zip(&data[i * n..][..n]) {
-                *a += v;
-            }
-        });
-        let db = Tensor::from_vec(sums, b.shape(), b.device())?;
+        let dw = g.t()?.matmul(&x2)?;
+        let db = g.apply_op1_no_bwd(&ColumnSums)?.reshape(b.shape())?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
-fn contiguous_vec(t: &Tensor) -> Result<Vec<f32>> {
-    t.flatten_all()?.to_vec1()
+/// Column sums of `[M, N]`: the bias's gradient, read in place (no copy of the gradient).
+struct ColumnSums;
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "bf16-train-linear-bias-grad"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = contiguous(storage, layout, self.name())?;
+        let (m, n) = layout.shape().dims2()?;
+        let sums = column_sums(n, m, |i, acc| {
+            for (a, v) in acc.iter_mut().zip(&g[i * n..][..n]) {
+                *a += v;
+            }
+        });
+        Ok((CpuStorage::F32(sums), Shape::from(n)))
+    }
 }
 
 /// `G [M, N] W [N, K]`: the input's gradient.
@@ -135,25 +154,30 @@ mod tests {
             return Ok(());
         }
         let dev = Device::Cpu;
-        // Odd sizes: partial panels, odd input counts (padded pairs), more than one row chunk.
+        // Odd sizes: partial panels, odd input counts (padded pairs), more than one row chunk; a leading
+        // batch dim, as the decoders pass.
         let (m, k, n) = (301, 67, 45);
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (m, k), &dev)?)?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (7, m / 7, k), &dev)?)?;
         let w = Var::from_tensor(&Tensor::randn(0f32, 0.2, (n, k), &dev)?)?;
         let b = Var::from_tensor(&Tensor::randn(0f32, 1., n, &dev)?)?;
-        let upstream = Tensor::randn(0f32, 1., (m, n), &dev)?;
+        let upstream = Tensor::randn(0f32, 1., (7, m / 7, n), &dev)?;
         let y = linear(x.as_tensor(), w.as_tensor(), b.as_tensor())?.expect("native path");
+        assert_eq!(y.dims(), [7, m / 7, n]);
         let grads = (&y * &upstream)?.sum_all()?.backward()?;
+        assert_eq!(grads.get(&x).expect("dx").dims(), x.dims());
 
-        let (x64, w64, g64) = (round(&x), round(&w), round(&upstream));
+        let rows = |t: &Tensor| t.reshape((m, t.dim(2)?));
+        let (x2, up2) = (rows(&x)?, rows(&upstream)?);
+        let (x64, w64, g64) = (round(&x2), round(&w), round(&up2));
         let b64 = b.to_dtype(candle_core::DType::F64)?;
         let want_y = x64.matmul(&w64.t()?)?.broadcast_add(&b64)?;
         let want_dx = g64.matmul(&w64)?;
         // The weight's gradient is an f32 product of the unrounded operands.
-        let want_dw = upstream
+        let want_dw = up2
             .to_dtype(candle_core::DType::F64)?
             .t()?
-            .matmul(&x.to_dtype(candle_core::DType::F64)?)?;
-        let want_db = upstream.to_dtype(candle_core::DType::F64)?.sum(0)?;
+            .matmul(&x2.to_dtype(candle_core::DType::F64)?)?;
+        let want_db = up2.to_dtype(candle_core::DType::F64)?.sum(0)?;
         let check = |name: &str, got: &Tensor, want: &Tensor| -> Result<()> {
             let got = got.to_dtype(candle_core::DType::F64)?;
             let scale = want.abs()?.max_keepdim(0)?.max_keepdim(0)?.flatten_all()?;
@@ -169,8 +193,8 @@ mod tests {
             );
             Ok(())
         };
-        check("y", &y, &want_y)?;
-        check("dx", grads.get(&x).expect("dx"), &want_dx)?;
+        check("y", &rows(&y)?, &want_y)?;
+        check("dx", &rows(grads.get(&x).expect("dx"))?, &want_dx)?;
         check("dw", grads.get(&w).expect("dw"), &want_dw)?;
         check("db", grads.get(&b).expect("db"), &want_db)?;
         Ok(())
