@@ -290,6 +290,14 @@ impl Module for Linear {
                 }
             }
         }
+        if let Some(b) = &self.bias {
+            if self.mode.fused
+                && (x.track_op() || weight.track_op())
+                && fused_grad::trainable(&[x, &weight, b])
+            {
+                return fused_grad::linear(x, &weight, b);
+            }
+        }
         let y = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?;
         let y = match &self.bias {
             Some(b)

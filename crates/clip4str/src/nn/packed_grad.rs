@@ -6,9 +6,9 @@
 //! Only CPUs with AVX512-BF16 take this path ([`linear`] answers `None` elsewhere): emulated bf16 is slower
 //! than f32, so training there stays in f32.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::fused_grad::{column_sums, trainable};
+use super::fused_grad::{trainable, ColumnSums};
 use super::packed::{native_supported, PackedLinear};
 use super::rows::contiguous;
 
@@ -84,26 +84,6 @@ impl CustomOp3 for Bf16Linear {
         let dw = g.t()?.matmul(&x2)?;
         let db = g.apply_op1_no_bwd(&ColumnSums)?.reshape(b.shape())?;
         Ok((Some(dx), Some(dw), Some(db)))
-    }
-}
-
-/// Column sums of `[M, N]`: the bias's gradient, read in place (no copy of the gradient).
-struct ColumnSums;
-
-impl CustomOp1 for ColumnSums {
-    fn name(&self) -> &'static str {
-        "bf16-train-linear-bias-grad"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = contiguous(storage, layout, self.name())?;
-        let (m, n) = layout.shape().dims2()?;
-        let sums = column_sums(n, m, |i, acc| {
-            for (a, v) in acc.iter_mut().zip(&g[i * n..][..n]) {
-                *a += v;
-            }
-        });
-        Ok((CpuStorage::F32(sums), Shape::from(n)))
     }
 }
 
