@@ -288,20 +288,8 @@ impl CustomOp3 for LinearF32 {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, self.name())?;
-        let w = contiguous(s2, l2, self.name())?;
-        let b = contiguous(s3, l3, self.name())?;
-        let dims = l1.dims();
-        let k = dims.last().copied().unwrap_or(0);
-        let m = x.len() / k.max(1);
-        let (n, wk) = l2.shape().dims2()?;
-        if wk != k || b.len() != n {
-            candle_core::bail!(
-                "{}: input {dims:?}, weight [{n}, {wk}] and bias [{}] do not fit",
-                self.name(),
-                b.len()
-            );
-        }
+        let LinearArgs { x, w, b, m, k, n } =
+            LinearArgs::read(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
         let mut out = vec![0f32; m * n];
         let threads = rayon::current_num_threads();
         let parallelism = if threads > 1 {
@@ -339,9 +327,7 @@ impl CustomOp3 for LinearF32 {
         for_each_row(&mut out, n, |_, row| {
             row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
         });
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("rank >= 1") = n;
-        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+        Ok(args_output(l1, n, out))
     }
 
     fn bwd(
@@ -352,20 +338,83 @@ impl CustomOp3 for LinearF32 {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Outside the graph, as rows: reshaping detached tensors copies nothing.
-        let (n, k) = w.dims2()?;
-        let g = grad.detach().contiguous()?;
-        let g = g.reshape((g.elem_count() / n.max(1), n))?;
-        let x2 = x.detach().reshape((x.elem_count() / k.max(1), k))?;
+        let (g, x2) = linear_grad_rows(x, w, grad)?;
         let dx = g.matmul(&w.detach())?.reshape(x.shape())?;
         let dw = x2.t()?.matmul(&g)?.t()?;
-        let db = g.apply_op1_no_bwd(&ColumnSums)?.reshape(b.shape())?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        Ok((Some(dx), Some(dw), Some(bias_grad(&g, b)?)))
     }
 }
 
+/// A linear layer's operands as its custom ops (f32 here, bf16 in `packed_grad`) read them: `x [.., K]` as
+/// `m` rows, `w [n, k]`, `b [n]`.
+pub(super) struct LinearArgs<'a> {
+    pub x: &'a [f32],
+    pub w: &'a [f32],
+    pub b: &'a [f32],
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+}
+
+impl<'a> LinearArgs<'a> {
+    /// The contiguous operands, or an error naming `op` when their shapes do not fit.
+    pub(super) fn read(
+        op: &str,
+        x: (&'a CpuStorage, &Layout),
+        w: (&'a CpuStorage, &Layout),
+        b: (&'a CpuStorage, &Layout),
+    ) -> Result<Self> {
+        let dims = x.1.dims();
+        let (xs, ws, bs) = (
+            contiguous(x.0, x.1, op)?,
+            contiguous(w.0, w.1, op)?,
+            contiguous(b.0, b.1, op)?,
+        );
+        let k = dims.last().copied().unwrap_or(0);
+        let (n, wk) = w.1.shape().dims2()?;
+        if wk != k || bs.len() != n {
+            candle_core::bail!(
+                "{op}: input {dims:?}, weight [{n}, {wk}] and bias [{}] do not fit",
+                bs.len()
+            );
+        }
+        Ok(Self {
+            x: xs,
+            w: ws,
+            b: bs,
+            m: xs.len() / k.max(1),
+            k,
+            n,
+        })
+    }
+}
+
+/// A linear layer's output `out` in the input's leading dims (`x_layout`) with `n` features.
+pub(super) fn args_output(x_layout: &Layout, n: usize, out: Vec<f32>) -> (CpuStorage, Shape) {
+    let mut dims = x_layout.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    (CpuStorage::F32(out), Shape::from(dims))
+}
+
+/// A linear layer's output gradient and input outside the graph, as rows `(G [M, N], X [M, K])`: reshaping
+/// detached tensors copies nothing.
+pub(super) fn linear_grad_rows(x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (n, k) = w.dims2()?;
+    let g = grad.detach().contiguous()?;
+    let g = g.reshape((g.elem_count() / n.max(1), n))?;
+    let x2 = x.detach().reshape((x.elem_count() / k.max(1), k))?;
+    Ok((g, x2))
+}
+
+/// The bias's gradient: the column sums of `g [M, N]`, read in place.
+pub(super) fn bias_grad(g: &Tensor, b: &Tensor) -> Result<Tensor> {
+    g.apply_op1_no_bwd(&ColumnSums)?.reshape(b.shape())
+}
+
 /// Column sums of `[M, N]`, read in place: a linear layer's bias gradient.
-pub(super) struct ColumnSums;
+struct ColumnSums;
 
 impl CustomOp1 for ColumnSums {
     fn name(&self) -> &'static str {
