@@ -282,19 +282,18 @@ impl Module for Linear {
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let weight = self.weight()?;
-        if self.mode.precision == Precision::Bf16 && (x.track_op() || weight.track_op()) {
-            // Training in bf16: the product and its input gradient on the bf16 kernel.
-            if let Some(b) = &self.bias {
+        // Training: the layer as one graph node, its products in bf16 when asked for (and native).
+        if let Some(b) = self
+            .bias
+            .as_ref()
+            .filter(|_| x.track_op() || weight.track_op())
+        {
+            if self.mode.precision == Precision::Bf16 {
                 if let Some(y) = packed_grad::linear(x, &weight, b)? {
                     return Ok(y);
                 }
             }
-        }
-        if let Some(b) = &self.bias {
-            if self.mode.fused
-                && (x.track_op() || weight.track_op())
-                && fused_grad::trainable(&[x, &weight, b])
-            {
+            if self.mode.fused && fused_grad::trainable(&[x, &weight, b]) {
                 return fused_grad::linear(x, &weight, b);
             }
         }

@@ -22,11 +22,7 @@ pub(crate) fn trainable(tensors: &[&Tensor]) -> bool {
 }
 
 /// Column sums of `rows` rows of `width`, over rayon chunks.
-pub(super) fn column_sums(
-    width: usize,
-    rows: usize,
-    row: impl Fn(usize, &mut [f32]) + Sync,
-) -> Vec<f32> {
+fn column_sums(width: usize, rows: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     let per_task = PARALLEL_GRAIN.div_ceil(width.max(1)).max(1);
     (0..rows.div_ceil(per_task))
         .into_par_iter()
@@ -250,16 +246,9 @@ impl CustomOp2 for BiasAdd {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let width = bias.elem_count();
-        let g = grad.contiguous()?;
-        let rows = g.elem_count() / width.max(1);
-        let data: Vec<f32> = g.flatten_all()?.to_vec1()?;
-        let sums = column_sums(width, rows, |i, acc| {
-            for (a, v) in acc.iter_mut().zip(&data[i * width..][..width]) {
-                *a += v;
-            }
-        });
-        let db = Tensor::from_vec(sums, bias.shape(), bias.device())?;
-        Ok((Some(grad.clone()), Some(db)))
+        let g = grad.detach().contiguous()?;
+        let g = g.reshape((g.elem_count() / width.max(1), width))?;
+        Ok((Some(grad.clone()), Some(bias_grad(&g, bias)?)))
     }
 }
 

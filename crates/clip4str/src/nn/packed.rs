@@ -265,8 +265,9 @@ impl PackedLinear {
         }
     }
 
-    /// Input rows `x [M, K]` (row-major f32) as the kernel's bf16 pairs, each row padded to an even length.
-    fn convert_rows(&self, x: &[f32], m: usize, native: bool) -> Vec<u16> {
+    /// `x [M, K]` (row-major f32) times the packed weight into `out [M, N]`, plus bias.
+    pub(super) fn run(&self, x: &[f32], m: usize, out: &mut [f32], native: bool) {
+        // Activations as bf16 pairs, rows padded to an even length.
         let mut a = vec![0u16; m * self.pairs * 2];
         let width = self.pairs * 2;
         let convert = |(row, dst): (usize, &mut [u16])| {
@@ -278,13 +279,6 @@ impl PackedLinear {
         } else {
             a.chunks_mut(width).enumerate().for_each(convert);
         }
-        a
-    }
-
-    /// `x [M, K]` (row-major f32) times the packed weight into `out [M, N]`, plus bias.
-    pub(super) fn run(&self, x: &[f32], m: usize, out: &mut [f32], native: bool) {
-        let a = self.convert_rows(x, m, native);
-        let width = self.pairs * 2;
         let panel_len = self.pairs * PANEL * 2;
         for_each_tile(m, self.n, self.k, out, |row, rows, panel, cols, c| {
             let b = &self.data[panel * panel_len..(panel + 1) * panel_len];
