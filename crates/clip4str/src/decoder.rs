@@ -299,10 +299,7 @@ impl Decoder {
         let kv = self.layers[0].content_kv(&emb)?;
         cache.kv = Some(match cache.kv.take() {
             None => kv,
-            Some(prev) => KeyValue {
-                k: Tensor::cat(&[&prev.k, &kv.k], 2)?,
-                v: Tensor::cat(&[&prev.v, &kv.v], 2)?,
-            },
+            Some(prev) => prev.append(&kv)?,
         });
         Ok(())
     }

@@ -4,6 +4,7 @@
 //! `softmax_last_dim` drop gradients silently, and the same modules serve training. Inference (inputs that
 //! track no gradient) takes the kernels of [`fused`] instead, which refuse anything that does.
 
+mod attention_grad;
 pub(crate) mod fused;
 pub(crate) mod fused_grad;
 pub(crate) mod packed;
@@ -363,11 +364,22 @@ pub fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
     if !(train && p > 0.0) {
         return Ok(x.clone());
     }
+    let mask = dropout_mask(x.shape(), p)?.to_dtype(x.dtype())?;
+    x * mask.to_device(x.device())?
+}
+
+/// The scaled keep-mask of [`dropout`] (`0` or `1 / (1 - p)`, f32 on the CPU): from the installed
+/// [`DropoutStream`] if any, else from candle's thread RNG.
+fn dropout_mask(shape: impl Into<candle_core::Shape>, p: f32) -> Result<Tensor> {
+    let shape = shape.into();
     #[cfg(feature = "train")]
-    if let Some(mask) = stream::mask(x, p)? {
-        return x * mask;
+    if let Some(mask) = stream::mask(&shape, p)? {
+        return Ok(mask);
     }
-    candle_nn::ops::dropout(x, p)
+    let keep = Tensor::rand(0f32, 1f32, &shape, &candle_core::Device::Cpu)?
+        .ge(p as f64)?
+        .to_dtype(DType::F32)?;
+    keep.affine(1.0 / (1.0 - p as f64), 0.0)
 }
 
 #[cfg(feature = "train")]
@@ -408,20 +420,18 @@ mod stream {
         }
     }
 
-    /// The scaled keep-mask (`0` or `1 / (1 - p)`) for `x`, when a stream is installed.
-    pub(super) fn mask(x: &Tensor, p: f32) -> Result<Option<Tensor>> {
+    /// The scaled keep-mask (`0` or `1 / (1 - p)`) of `shape`, when a stream is installed.
+    pub(super) fn mask(shape: &candle_core::Shape, p: f32) -> Result<Option<Tensor>> {
         STREAM.with(|s| {
             let mut s = s.borrow_mut();
             let Some(rng) = s.as_mut() else {
                 return Ok(None);
             };
             let keep = 1.0 / (1.0 - p);
-            let values: Vec<f32> = (0..x.elem_count())
+            let values: Vec<f32> = (0..shape.elem_count())
                 .map(|_| if rng.random::<f32>() >= p { keep } else { 0.0 })
                 .collect();
-            Tensor::from_vec(values, x.shape(), x.device())?
-                .to_dtype(x.dtype())
-                .map(Some)
+            Tensor::from_vec(values, shape, &candle_core::Device::Cpu).map(Some)
         })
     }
 }
@@ -438,13 +448,30 @@ pub struct MultiheadAttention {
     mode: Mode,
 }
 
-/// Keys and values of one attention, split into heads: `[B, H, S, hd]` each.
+/// Keys and values of one attention, projected once (a memory read by every decoding step or permutation).
 #[derive(Debug, Clone)]
-pub struct KeyValue {
-    /// Keys `[B, H, S, hd]`.
-    pub k: Tensor,
-    /// Values `[B, H, S, hd]`.
-    pub v: Tensor,
+pub struct KeyValue(Kv);
+
+impl KeyValue {
+    /// These positions followed by `next`'s (a decoding cache growing by one step).
+    pub fn append(&self, next: &KeyValue) -> Result<KeyValue> {
+        Ok(KeyValue(match (&self.0, &next.0) {
+            (Kv::Heads { k, v }, Kv::Heads { k: k2, v: v2 }) => Kv::Heads {
+                k: Tensor::cat(&[k, k2], 2)?,
+                v: Tensor::cat(&[v, v2], 2)?,
+            },
+            (Kv::Rows(a), Kv::Rows(b)) => Kv::Rows(Tensor::cat(&[a, b], 1)?),
+            _ => candle_core::bail!("keys and values of training and inference appended together"),
+        }))
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Kv {
+    /// Split into heads, `[B, H, S, hd]` each: the composite's form.
+    Heads { k: Tensor, v: Tensor },
+    /// The projection's rows `[B, S, 2D]`, which the fused training attention reads as strided heads.
+    Rows(Tensor),
 }
 
 impl MultiheadAttention {
@@ -485,13 +512,22 @@ impl MultiheadAttention {
             .contiguous()
     }
 
+    /// Whether training takes the fused attention ([`attention_grad`]) for these tensors: one graph node
+    /// instead of about fifteen.
+    fn fused_training(&self, tensors: &[&Tensor]) -> bool {
+        self.mode.fused && tensors.iter().any(|t| t.track_op()) && fused_grad::trainable(tensors)
+    }
+
     /// Project keys and values once, so a memory reused across decoding steps is projected once.
     pub fn key_value(&self, kv_in: &Tensor) -> Result<KeyValue> {
         let kv = self.kv_proj.forward(kv_in)?; // [B, S, 2D]
-        Ok(KeyValue {
+        if self.fused_training(&[&kv]) {
+            return Ok(KeyValue(Kv::Rows(kv)));
+        }
+        Ok(KeyValue(Kv::Heads {
             k: self.split_heads(&kv.narrow(2, 0, self.dim)?)?,
             v: self.split_heads(&kv.narrow(2, self.dim, self.dim)?)?,
-        })
+        }))
     }
 
     /// Attention of `q_in [B, L, D]` over `kv_in [B, S, D]` with an additive mask broadcastable to `[B, H, L, S]`.
@@ -516,13 +552,37 @@ impl MultiheadAttention {
     ) -> Result<Tensor> {
         let (b, l, _) = q_in.dims3()?;
         let hd = self.dim / self.heads;
-        let q = self.split_heads(&self.q_proj.forward(q_in)?)?;
-        let scores = q.matmul(&kv.k.t()?)?; // [B, H, L, S], scaled inside the softmax
-        let attn = self
-            .mode
-            .attention_softmax(&scores, 1.0 / (hd as f64).sqrt(), mask)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let q = self.q_proj.forward(q_in)?;
+        let (k, v) = match &kv.0 {
+            Kv::Rows(rows) if mask.is_none_or(|m| !m.track_op()) => {
+                let (_, s, _) = rows.dims3()?;
+                let keep = if train && self.dropout > 0.0 {
+                    Some(dropout_mask((b, self.heads, l, s), self.dropout)?)
+                } else {
+                    None
+                };
+                let out = attention_grad::attention(
+                    &q,
+                    rows,
+                    self.heads,
+                    scale as f32,
+                    mask,
+                    keep.as_ref(),
+                )?;
+                return self.out_proj.forward(&out);
+            }
+            Kv::Rows(rows) => (
+                self.split_heads(&rows.narrow(2, 0, self.dim)?)?,
+                self.split_heads(&rows.narrow(2, self.dim, self.dim)?)?,
+            ),
+            Kv::Heads { k, v } => (k.clone(), v.clone()),
+        };
+        let q = self.split_heads(&q)?;
+        let scores = q.matmul(&k.t()?)?; // [B, H, L, S], scaled inside the softmax
+        let attn = self.mode.attention_softmax(&scores, scale, mask)?;
         let attn = dropout(&attn, self.dropout, train)?;
-        let out = attn.matmul(&kv.v)?; // [B, H, L, hd]
+        let out = attn.matmul(&v)?; // [B, H, L, hd]
         let out = out.transpose(1, 2)?.reshape((b, l, self.dim))?;
         self.out_proj.forward(&out)
     }

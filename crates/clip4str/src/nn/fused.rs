@@ -371,6 +371,11 @@ macro_rules! dispatch {
     };
 }
 
+/// `softmax(x * scale + mask)` of one row into `out`, with the best kernel of this CPU.
+pub(super) fn softmax_into(x: &[f32], mask: Option<&[f32]>, scale: f32, out: &mut [f32]) {
+    dispatch_softmax(Isa::detect(), x, mask, scale, out);
+}
+
 dispatch!(dispatch_softmax, softmax_row, (x: &[f32], mask: Option<&[f32]>, scale: f32, out: &mut [f32]));
 dispatch!(dispatch_layer_norm, layer_norm_row, (x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]));
 dispatch!(dispatch_quick_gelu, quick_gelu_row, (x: &[f32], out: &mut [f32]));

@@ -502,6 +502,70 @@ mod tests {
         );
     }
 
+    /// Self-attention without a mask, and cross-attention with a causal mask, a per-sample padding mask and
+    /// dropout (the same seeded masks on both paths): output and the gradients of the inputs and every weight.
+    #[test]
+    fn attention_gradients_match_the_composite() {
+        let dev = Device::Cpu;
+        let (b, l, s, d, heads) = (3, 7, 13, 12, 3);
+        let attention = |mode: Mode, t: &[candle_core::Tensor], dropout: f32| {
+            let names = [
+                "in_proj_weight",
+                "in_proj_bias",
+                "out_proj.weight",
+                "out_proj.bias",
+            ];
+            let weights = names
+                .iter()
+                .zip(t)
+                .map(|(n, t)| (n.to_string(), t.clone()))
+                .collect();
+            let vb = candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, &dev);
+            let mut attn = nn::MultiheadAttention::new(d, heads, dropout, vb).unwrap();
+            attn.set_mode(mode);
+            attn
+        };
+        let weights = || {
+            [
+                randn(&[3 * d, d]),
+                randn(&[3 * d]),
+                randn(&[d, d]),
+                randn(&[d]),
+            ]
+        };
+        let mut inputs = vec![randn(&[b, s, d])];
+        inputs.extend(weights());
+        compare("self-attention", &inputs, |mode, t| {
+            attention(mode, &t[1..], 0.0)
+                .forward(&t[0], &t[0], None, true)
+                .unwrap()
+        });
+
+        let causal = nn::causal_mask(s, &dev)
+            .unwrap()
+            .narrow(0, s - l, l)
+            .unwrap();
+        let mut padding = vec![0f32; b * s];
+        padding[s - 2..s].fill(f32::NEG_INFINITY);
+        padding[2 * s - 5..2 * s].fill(f32::NEG_INFINITY);
+        let padding = candle_core::Tensor::from_vec(padding, (b, 1, 1, s), &dev).unwrap();
+        let mask = causal.broadcast_add(&padding).unwrap();
+        let mut inputs = vec![randn(&[b, l, d]), randn(&[b, s, d])];
+        inputs.extend(weights());
+        for (what, mask) in [("causal", &causal), ("causal and padding", &mask)] {
+            compare(
+                &format!("cross-attention, {what} mask, dropout"),
+                &inputs,
+                |mode, t| {
+                    let _stream = nn::DropoutStream::install(7);
+                    attention(mode, &t[2..], 0.1)
+                        .forward(&t[0], &t[1], Some(mask), true)
+                        .unwrap()
+                },
+            );
+        }
+    }
+
     #[test]
     fn softmax_gradients_match_the_composite() {
         let mask = candle_core::Tensor::from_vec(

@@ -19,6 +19,8 @@ use std::sync::OnceLock;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::rows::SendPtr;
+
 /// Output columns of one packed panel: two 16-lane f32 accumulators per row.
 const PANEL: usize = 32;
 /// Rows of one micro-tile.
@@ -287,18 +289,6 @@ impl PackedLinear {
             // SAFETY: `c` is this tile's own block of `out` (see `for_each_tile`).
             unsafe { micro_tile(rows, tile_a, self.pairs, b, bias, c, self.n, cols, native) };
         });
-    }
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: only used to hand disjoint output blocks to rayon tasks.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

@@ -2,7 +2,7 @@
 //! linear layers ([`super::packed`]) share: row-parallel iteration and access to contiguous f32 storage. It
 //! sits below all three, so none has to import another's internals.
 
-use candle_core::{CpuStorage, Layout, Result};
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Elements below which a kernel stays on the calling thread, and the least work per rayon task.
@@ -38,4 +38,26 @@ pub(super) fn contiguous<'a>(
         candle_core::bail!("{op}: expected a contiguous input");
     };
     Ok(&data[start..end])
+}
+
+/// An output pointer handed to rayon tasks that each write their own disjoint block.
+#[derive(Clone, Copy)]
+pub(super) struct SendPtr(pub(super) *mut f32);
+// SAFETY: only used to hand disjoint output blocks to rayon tasks.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    pub(super) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor, read in place.
+pub(super) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("{op}: expected a CPU tensor");
+    };
+    f(contiguous(cpu, layout, op)?)
 }
