@@ -502,45 +502,69 @@ mod tests {
         );
     }
 
-    /// Self-attention without a mask, and cross-attention with a causal mask, a per-sample padding mask and
-    /// dropout (the same seeded masks on both paths): output and the gradients of the inputs and every weight.
+    /// Sizes of the attention tests: batch, queries, keys, width, heads.
+    const ATTN: (usize, usize, usize, usize, usize) = (3, 7, 13, 12, 3);
+
+    /// An attention from `weights` (`in_proj_weight`, `in_proj_bias`, `out_proj.weight`, `.bias`).
+    fn attention(
+        mode: Mode,
+        weights: &[candle_core::Tensor],
+        dropout: f32,
+    ) -> nn::MultiheadAttention {
+        let (_, _, _, d, heads) = ATTN;
+        let names = [
+            "in_proj_weight",
+            "in_proj_bias",
+            "out_proj.weight",
+            "out_proj.bias",
+        ];
+        let weights = names
+            .iter()
+            .zip(weights)
+            .map(|(n, t)| (n.to_string(), t.clone()))
+            .collect();
+        let vb =
+            candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, &Device::Cpu);
+        let mut attn = nn::MultiheadAttention::new(d, heads, dropout, vb).unwrap();
+        attn.set_mode(mode);
+        attn
+    }
+
+    /// `leading` random inputs, then random attention weights.
+    fn attention_inputs(leading: &[&[usize]]) -> Vec<candle_core::Tensor> {
+        let d = ATTN.3;
+        let mut inputs: Vec<_> = leading.iter().map(|s| randn(s)).collect();
+        inputs.extend([
+            randn(&[3 * d, d]),
+            randn(&[3 * d]),
+            randn(&[d, d]),
+            randn(&[d]),
+        ]);
+        inputs
+    }
+
+    /// Self-attention without a mask: output and the gradients of the input and every weight.
     #[test]
     fn attention_gradients_match_the_composite() {
-        let dev = Device::Cpu;
-        let (b, l, s, d, heads) = (3, 7, 13, 12, 3);
-        let attention = |mode: Mode, t: &[candle_core::Tensor], dropout: f32| {
-            let names = [
-                "in_proj_weight",
-                "in_proj_bias",
-                "out_proj.weight",
-                "out_proj.bias",
-            ];
-            let weights = names
-                .iter()
-                .zip(t)
-                .map(|(n, t)| (n.to_string(), t.clone()))
-                .collect();
-            let vb = candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, &dev);
-            let mut attn = nn::MultiheadAttention::new(d, heads, dropout, vb).unwrap();
-            attn.set_mode(mode);
-            attn
-        };
-        let weights = || {
-            [
-                randn(&[3 * d, d]),
-                randn(&[3 * d]),
-                randn(&[d, d]),
-                randn(&[d]),
-            ]
-        };
-        let mut inputs = vec![randn(&[b, s, d])];
-        inputs.extend(weights());
-        compare("self-attention", &inputs, |mode, t| {
-            attention(mode, &t[1..], 0.0)
-                .forward(&t[0], &t[0], None, true)
-                .unwrap()
-        });
+        let (b, _, s, d, _) = ATTN;
+        compare(
+            "self-attention",
+            &attention_inputs(&[&[b, s, d]]),
+            |mode, t| {
+                attention(mode, &t[1..], 0.0)
+                    .forward(&t[0], &t[0], None, true)
+                    .unwrap()
+            },
+        );
+    }
 
+    /// Cross-attention with a causal mask, a per-sample padding mask and dropout (the same seeded masks on
+    /// both paths).
+    #[cfg(feature = "train")]
+    #[test]
+    fn masked_attention_with_dropout_gradients_match_the_composite() {
+        let dev = Device::Cpu;
+        let (b, l, s, d, _) = ATTN;
         let causal = nn::causal_mask(s, &dev)
             .unwrap()
             .narrow(0, s - l, l)
@@ -550,8 +574,7 @@ mod tests {
         padding[2 * s - 5..2 * s].fill(f32::NEG_INFINITY);
         let padding = candle_core::Tensor::from_vec(padding, (b, 1, 1, s), &dev).unwrap();
         let mask = causal.broadcast_add(&padding).unwrap();
-        let mut inputs = vec![randn(&[b, l, d]), randn(&[b, s, d])];
-        inputs.extend(weights());
+        let inputs = attention_inputs(&[&[b, l, d], &[b, s, d]]);
         for (what, mask) in [("causal", &causal), ("causal and padding", &mask)] {
             compare(
                 &format!("cross-attention, {what} mask, dropout"),
