@@ -11,6 +11,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use super::packed::{PackedLinear, PackedLinearF32};
 use super::rows::{contiguous, for_each_row, PARALLEL_GRAIN};
 
 /// Whether the differentiable fused ops take these tensors: f32 CPU ones (the caller's [`super::Mode`]
@@ -280,6 +281,11 @@ impl CustomOp3 for LinearF32 {
         let LinearArgs { x, w, b, m, k, n } =
             LinearArgs::read(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
         let mut out = vec![0f32; m * n];
+        if packed_f32() {
+            let packed = PackedLinearF32::from_rows(w, n, k, PackedLinear::padded_bias(b, n));
+            packed.run(x, m, &mut out);
+            return Ok(args_output(l1, n, out));
+        }
         let threads = rayon::current_num_threads();
         let parallelism = if threads > 1 {
             gemm::Parallelism::Rayon(threads)
@@ -328,9 +334,60 @@ impl CustomOp3 for LinearF32 {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (g, x2) = linear_grad_rows(x, w, grad)?;
-        let dx = g.matmul(&w.detach())?.reshape(x.shape())?;
-        let dw = x2.t()?.matmul(&g)?.t()?;
-        Ok((Some(dx), Some(dw), Some(bias_grad(&g, b)?)))
+        let dx = wanted(x, || {
+            if packed_f32() {
+                g.apply_op2_no_bwd(&w.detach(), &InputGradF32)?
+            } else {
+                g.matmul(&w.detach())?
+            }
+            .reshape(x.shape())
+        })?;
+        let dw = wanted(w, || x2.t()?.matmul(&g)?.t())?;
+        Ok((dx, dw, wanted(b, || bias_grad(&g, b))?))
+    }
+}
+
+/// Whether the f32 training linear layers multiply on the packed AVX-512 kernel (elsewhere on `gemm`).
+fn packed_f32() -> bool {
+    super::packed::f32_supported()
+}
+
+/// `grad()` when `arg` takes part in the graph; nothing for a frozen weight or an input computed from
+/// constants (the image into the first layer, a detached memory), whose gradient candle would still store.
+pub(super) fn wanted(
+    arg: &Tensor,
+    grad: impl FnOnce() -> Result<Tensor>,
+) -> Result<Option<Tensor>> {
+    if arg.track_op() {
+        grad().map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// `G [M, N] W [N, K]` on the packed f32 kernel: a linear layer's input gradient.
+struct InputGradF32;
+
+impl CustomOp2 for InputGradF32 {
+    fn name(&self) -> &'static str {
+        "fused-linear-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = contiguous(s1, l1, self.name())?;
+        let w = contiguous(s2, l2, self.name())?;
+        let (m, n) = l1.shape().dims2()?;
+        let (_, k) = l2.shape().dims2()?;
+        let packed = PackedLinearF32::from_transposed(w, n, k);
+        let mut out = vec![0f32; m * k];
+        packed.run(g, m, &mut out);
+        Ok((CpuStorage::F32(out), Shape::from((m, k))))
     }
 }
 

@@ -481,6 +481,35 @@ impl PackedLinearF32 {
         Ok(Some(Self { n, k, data, bias }))
     }
 
+    /// Packs `w [N, K]` (row-major) with `bias` padded to whole panels ([`PackedLinear::padded_bias`]); the
+    /// caller has checked AVX-512F.
+    pub(super) fn from_rows(w: &[f32], n: usize, k: usize, bias: Vec<f32>) -> Self {
+        let mut data = vec![0f32; n.div_ceil(PANEL) * k * PANEL];
+        for col in 0..n {
+            for (i, &v) in w[col * k..(col + 1) * k].iter().enumerate() {
+                data[f32_panel_index(k, col, i)] = v;
+            }
+        }
+        Self { n, k, data, bias }
+    }
+
+    /// Packs `src [rows, cols]` read as the weight of a product with `rows` inputs and `cols` outputs (its
+    /// transpose), without a bias: `G W` for a linear layer's input gradient.
+    pub(super) fn from_transposed(src: &[f32], rows: usize, cols: usize) -> Self {
+        let mut data = vec![0f32; cols.div_ceil(PANEL) * rows * PANEL];
+        for (i, row) in src.chunks_exact(cols.max(1)).enumerate() {
+            for (col, &v) in row.iter().enumerate() {
+                data[f32_panel_index(rows, col, i)] = v;
+            }
+        }
+        Self {
+            n: cols,
+            k: rows,
+            data,
+            bias: vec![0f32; cols.div_ceil(PANEL) * PANEL],
+        }
+    }
+
     /// `x W^T + b` for `x [.., K]`; `None` when `x` is not an f32 CPU tensor outside an autograd graph.
     pub fn forward(&self, x: &Tensor) -> Result<Option<Tensor>> {
         forward_rows(x, self.k, self.n, &F32Matmul { packed: self })
@@ -497,7 +526,7 @@ impl PackedLinearF32 {
         Tensor::from_vec(w, (self.n, self.k), &candle_core::Device::Cpu)
     }
 
-    fn run(&self, x: &[f32], m: usize, out: &mut [f32]) {
+    pub(super) fn run(&self, x: &[f32], m: usize, out: &mut [f32]) {
         let panel_len = self.k * PANEL;
         for_each_tile(m, self.n, self.k, out, |row, rows, panel, cols, c| {
             let b = &self.data[panel * panel_len..(panel + 1) * panel_len];

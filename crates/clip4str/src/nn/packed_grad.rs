@@ -8,7 +8,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::fused_grad::{args_output, bias_grad, linear_grad_rows, trainable, LinearArgs};
+use super::fused_grad::{args_output, bias_grad, linear_grad_rows, trainable, wanted, LinearArgs};
 use super::packed::{native_supported, PackedLinear};
 use super::rows::contiguous;
 
@@ -57,14 +57,15 @@ impl CustomOp3 for Bf16Linear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (g, x2) = linear_grad_rows(x, w, grad)?;
-        let dx = g
-            .apply_op2_no_bwd(&w.detach(), &InputGrad)?
-            .reshape(x.shape())?;
+        let dx = wanted(x, || {
+            g.apply_op2_no_bwd(&w.detach(), &InputGrad)?
+                .reshape(x.shape())
+        })?;
         // The weight's gradient `G^T X` stays an f32 product: its sum runs over all M rows, which the bf16
         // kernel needs transposed into pairs, and that conversion cost as much as the product saved
         // (measured: 8192 rows, 192 -> 576, 18 ms either way on an AMD EPYC with 2 threads).
-        let dw = g.t()?.matmul(&x2)?;
-        Ok((Some(dx), Some(dw), Some(bias_grad(&g, b)?)))
+        let dw = wanted(w, || g.t()?.matmul(&x2))?;
+        Ok((dx, dw, wanted(b, || bias_grad(&g, b))?))
     }
 }
 
