@@ -160,3 +160,28 @@ fn train_step_report_has_every_phase() {
         assert!(t < 10.0 * phase(of), "{part} {t} vs {of} {}", phase(of));
     }
 }
+
+/// `CLIP4STR_NO_AVX512=1` makes an AVX-512 CPU run (and report) the AVX2 paths, so one machine can measure
+/// what a CPU without AVX-512 gets.
+#[test]
+fn avx512_can_be_turned_off_and_the_report_says_so() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clip4str"))
+        .env("CLIP4STR_NO_AVX512", "1")
+        .args(["--threads", "1", "bench", "--train", "--preset", "tiny"])
+        .args(["--batch-size", "2", "--perm-num", "2", "--runs", "1"])
+        .args(["--warmup", "0", "--format", "json"])
+        .output()
+        .expect("run clip4str");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let simd = doc["simd"].as_str().unwrap();
+    assert!(!simd.starts_with("AVX-512"), "{simd}");
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        assert_eq!(simd, "AVX2 (AVX-512 turned off by CLIP4STR_NO_AVX512=1)");
+    }
+}

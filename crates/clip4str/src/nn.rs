@@ -96,10 +96,21 @@ pub fn bf16_native_supported() -> bool {
     packed::native_supported()
 }
 
-/// Whether this CPU runs the pre-packed f32 linear kernel (AVX-512F); elsewhere linear layers use candle's
-/// matmul.
+/// Whether clip4str's kernels may use this CPU's AVX-512 (`CLIP4STR_NO_AVX512=1` turns it off, to measure
+/// what a CPU with AVX2 alone gets).
+pub fn avx512_allowed() -> bool {
+    packed::avx512_allowed()
+}
+
+/// Whether this CPU runs the pre-packed f32 linear kernel (AVX-512F, or AVX2 with FMA); elsewhere linear
+/// layers use candle's matmul.
 pub fn packed_f32_supported() -> bool {
     packed::f32_supported()
+}
+
+/// The instruction set of the packed f32 kernel this CPU runs (`"AVX-512"`, `"AVX2"`), if any.
+pub fn packed_f32_kernel() -> Option<&'static str> {
+    packed::f32_kernel().map(packed::F32Kernel::name)
 }
 
 use std::sync::{Arc, Mutex, OnceLock};
@@ -185,7 +196,7 @@ pub struct Linear {
     /// The weight packed for [`Precision::Bf16`], made on first use and shared by clones; `None` when it
     /// cannot be (trainable weights, whose values change).
     packed: Arc<OnceLock<Option<packed::PackedLinear>>>,
-    /// The weight in f32 panels for inference, likewise (`None` also on CPUs without AVX-512).
+    /// The weight in f32 panels for inference, likewise (`None` also on CPUs without AVX2 or AVX-512).
     packed_f32: Arc<OnceLock<Option<packed::PackedLinearF32>>>,
     mode: Mode,
 }
@@ -611,7 +622,9 @@ mod tests {
         let lin = fresh();
         let first = lin.forward(&x).unwrap();
         if !packed::f32_supported() {
-            eprintln!("skipped: this CPU lacks AVX-512F, nothing is packed");
+            eprintln!(
+                "skipped: this CPU has neither AVX2 with FMA nor AVX-512F, nothing is packed"
+            );
             return;
         }
         assert!(

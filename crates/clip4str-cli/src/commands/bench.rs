@@ -271,13 +271,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         Steps::Seven => "7",
         Steps::Auto => "auto",
     };
-    let build = if clip4str::nn::packed_f32_supported() {
-        format!(
-            "{}; linear layers: clip4str packed AVX-512",
+    let build = match clip4str::nn::packed_f32_kernel() {
+        Some(isa) => format!(
+            "{}; linear layers: clip4str packed {isa}",
             clip4str::GEMM_BACKEND
-        )
-    } else {
-        clip4str::GEMM_BACKEND.to_string()
+        ),
+        None => clip4str::GEMM_BACKEND.to_string(),
     };
 
     match args.format {

@@ -170,7 +170,7 @@ impl Isa {
         *BEST.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
             {
-                if is_x86_feature_detected!("avx512f") {
+                if super::packed::avx512_allowed() && is_x86_feature_detected!("avx512f") {
                     return Isa::Avx512;
                 }
                 if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {

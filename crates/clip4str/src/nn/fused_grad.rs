@@ -281,8 +281,7 @@ impl CustomOp3 for LinearF32 {
         let LinearArgs { x, w, b, m, k, n } =
             LinearArgs::read(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
         let mut out = vec![0f32; m * n];
-        if packed_f32() {
-            let packed = PackedLinearF32::from_rows(w, n, k, PackedLinear::padded_bias(b, n));
+        if let Some(packed) = PackedLinearF32::from_rows(w, n, k, PackedLinear::padded_bias(b, n)) {
             packed.run(x, m, &mut out);
             return Ok(args_output(l1, n, out));
         }
@@ -335,7 +334,7 @@ impl CustomOp3 for LinearF32 {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (g, x2) = linear_grad_rows(x, w, grad)?;
         let dx = wanted(x, || {
-            if packed_f32() {
+            if super::packed::f32_supported() {
                 g.apply_op2_no_bwd(&w.detach(), &InputGradF32)?
             } else {
                 g.matmul(&w.detach())?
@@ -345,11 +344,6 @@ impl CustomOp3 for LinearF32 {
         let dw = wanted(w, || x2.t()?.matmul(&g)?.t())?;
         Ok((dx, dw, wanted(b, || bias_grad(&g, b))?))
     }
-}
-
-/// Whether the f32 training linear layers multiply on the packed AVX-512 kernel (elsewhere on `gemm`).
-fn packed_f32() -> bool {
-    super::packed::f32_supported()
 }
 
 /// `grad()` when `arg` takes part in the graph; nothing for a frozen weight or an input computed from
@@ -384,7 +378,9 @@ impl CustomOp2 for InputGradF32 {
         let w = contiguous(s2, l2, self.name())?;
         let (m, n) = l1.shape().dims2()?;
         let (_, k) = l2.shape().dims2()?;
-        let packed = PackedLinearF32::from_transposed(w, n, k);
+        let Some(packed) = PackedLinearF32::from_transposed(w, n, k) else {
+            candle_core::bail!("{}: this CPU has no packed f32 kernel", self.name());
+        };
         let mut out = vec![0f32; m * k];
         packed.run(g, m, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((m, k))))

@@ -1,8 +1,9 @@
 //! Linear layers for inference with weights packed once into column panels, in f32 or bf16.
 //!
 //! f32: candle's GEMM re-packs the weight on every call, which dominates when few rows go through a layer
-//! (decoding steps, the 16-token text encoder); the pre-packed AVX-512 kernel streams the weight once.
-//! CPUs without AVX-512 keep candle's path.
+//! (decoding steps, the 16-token text encoder); the pre-packed kernel (AVX-512, or AVX2 with FMA) streams
+//! the weight once. Training uses it too, for the forward product and the input's gradient. CPUs without
+//! either keep candle's path.
 //!
 //! bf16: weights and activations rounded to bfloat16, products accumulated in f32 (what
 //! `torch.autocast(bfloat16)` does for `nn.Linear` on CPU). candle's CPU backend widens bf16 to f32 before
@@ -28,19 +29,65 @@ const ROWS: usize = 8;
 /// Rows handed to one rayon task (a slice of activations that stays in L2 while its panels stream by).
 const ROW_CHUNK: usize = 128;
 
-/// Whether this CPU has AVX-512F, which the packed f32 kernel needs.
-pub fn f32_supported() -> bool {
-    static AVX512: OnceLock<bool> = OnceLock::new();
-    *AVX512.get_or_init(|| {
+/// Whether clip4str's kernels may use AVX-512 at all: `CLIP4STR_NO_AVX512=1` makes an AVX-512 CPU run the
+/// AVX2 paths (to measure, on one machine, what a CPU without AVX-512 gets).
+pub fn avx512_allowed() -> bool {
+    static ALLOWED: OnceLock<bool> = OnceLock::new();
+    *ALLOWED.get_or_init(|| std::env::var_os("CLIP4STR_NO_AVX512").is_none_or(|v| v != "1"))
+}
+
+/// The instructions of the packed f32 kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum F32Kernel {
+    /// 8 rows x 32 columns per micro-tile in 16 zmm accumulators.
+    Avx512,
+    /// 6 rows x 16 columns per micro-tile in 12 ymm accumulators (each panel in two halves).
+    Avx2,
+}
+
+impl F32Kernel {
+    /// Rows of one micro-tile.
+    fn rows(self) -> usize {
+        match self {
+            F32Kernel::Avx512 => ROWS,
+            F32Kernel::Avx2 => 6,
+        }
+    }
+
+    /// The instruction set's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            F32Kernel::Avx512 => "AVX-512",
+            F32Kernel::Avx2 => "AVX2",
+        }
+    }
+}
+
+/// The packed f32 kernel this CPU runs: AVX-512F, else AVX2 with FMA; `None` elsewhere (candle's matmul).
+pub fn f32_kernel() -> Option<F32Kernel> {
+    static KERNEL: OnceLock<Option<F32Kernel>> = OnceLock::new();
+    *KERNEL.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            is_x86_feature_detected!("avx512f")
+            if avx512_allowed() && is_x86_feature_detected!("avx512f") {
+                return Some(F32Kernel::Avx512);
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Some(F32Kernel::Avx2);
+            }
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
+        None
     })
+}
+
+/// Whether this CPU runs the packed f32 kernel ([`f32_kernel`]).
+pub fn f32_supported() -> bool {
+    f32_kernel().is_some()
+}
+
+/// Whether this CPU has AVX-512F (and clip4str may use it).
+fn avx512f() -> bool {
+    f32_kernel() == Some(F32Kernel::Avx512)
 }
 
 /// Whether this CPU has the AVX512-BF16 instructions the fast bf16 kernel needs. `CLIP4STR_NO_AVX512_BF16=1`
@@ -54,7 +101,7 @@ pub fn native_supported() -> bool {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+            avx512f() && is_x86_feature_detected!("avx512bf16")
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -136,13 +183,12 @@ fn run_rows(
     Ok((CpuStorage::F32(out), Shape::from((m, n))))
 }
 
-/// Calls `tile(row, rows, panel, cols, c)` for every micro-tile (up to 8 rows by one 32-column panel) of an
+/// Calls `tile(row, rows, panel, cols, c)` for every micro-tile (up to `tile_rows` rows by one 32-column panel) of an
 /// `[M, N]` product into `out`, where `c` points at the tile's first output; rayon tasks take row chunks x
 /// panels when the product is big enough. Tiles are disjoint, so each may write its own block through `c`.
 fn for_each_tile(
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
+    tile_rows: usize,
     out: &mut [f32],
     tile: impl Fn(usize, usize, usize, usize, *mut f32) + Sync,
 ) {
@@ -155,7 +201,7 @@ fn for_each_tile(
         let cols = (n - panel * PANEL).min(PANEL);
         let mut row = chunk * ROW_CHUNK;
         while row < last {
-            let rows = (last - row).min(ROWS);
+            let rows = (last - row).min(tile_rows);
             // SAFETY: `row < m` and `panel * PANEL < n`, so the offset lies inside `out`.
             let c = unsafe { out_ptr.get().add(row * n + panel * PANEL) };
             tile(row, rows, panel, cols, c);
@@ -282,13 +328,18 @@ impl PackedLinear {
             a.chunks_mut(width).enumerate().for_each(convert);
         }
         let panel_len = self.pairs * PANEL * 2;
-        for_each_tile(m, self.n, self.k, out, |row, rows, panel, cols, c| {
-            let b = &self.data[panel * panel_len..(panel + 1) * panel_len];
-            let bias = &self.bias[panel * PANEL..(panel + 1) * PANEL];
-            let tile_a = &a[row * width..(row + rows) * width];
-            // SAFETY: `c` is this tile's own block of `out` (see `for_each_tile`).
-            unsafe { micro_tile(rows, tile_a, self.pairs, b, bias, c, self.n, cols, native) };
-        });
+        for_each_tile(
+            (m, self.n, self.k),
+            ROWS,
+            out,
+            |row, rows, panel, cols, c| {
+                let b = &self.data[panel * panel_len..(panel + 1) * panel_len];
+                let bias = &self.bias[panel * PANEL..(panel + 1) * PANEL];
+                let tile_a = &a[row * width..(row + rows) * width];
+                // SAFETY: `c` is this tile's own block of `out` (see `for_each_tile`).
+                unsafe { micro_tile(rows, tile_a, self.pairs, b, bias, c, self.n, cols, native) };
+            },
+        );
     }
 }
 
@@ -444,11 +495,13 @@ impl CustomOp1 for Bf16Matmul<'_> {
 
 /// A linear layer's weight `[N, K]` and bias `[N]` in f32 column panels: for each input `k`, the 32 columns'
 /// values side by side (two 512-bit registers). Columns past the weight's size are zeros.
+#[derive(Clone)]
 pub struct PackedLinearF32 {
     n: usize,
     k: usize,
     data: Vec<f32>,
     bias: Vec<f32>,
+    kernel: F32Kernel,
 }
 
 /// Where weight `[col, i]` lives in the f32 panels of a layer with `k` inputs.
@@ -466,48 +519,51 @@ impl std::fmt::Debug for PackedLinearF32 {
 }
 
 impl PackedLinearF32 {
-    /// Packs `weight [N, K]` and the optional `bias [N]`; `None` on CPUs without AVX-512F.
+    /// Packs `weight [N, K]` and the optional `bias [N]`; `None` on CPUs without a kernel ([`f32_kernel`]).
     pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Self>> {
         if !f32_supported() {
             return Ok(None);
         }
         let (n, k, w, bias) = weight_and_bias(weight, bias)?;
-        let mut data = vec![0f32; n.div_ceil(PANEL) * k * PANEL];
-        for col in 0..n {
-            for (i, &v) in w[col * k..(col + 1) * k].iter().enumerate() {
-                data[f32_panel_index(k, col, i)] = v;
-            }
-        }
-        Ok(Some(Self { n, k, data, bias }))
+        Ok(Self::from_rows(&w, n, k, bias))
     }
 
-    /// Packs `w [N, K]` (row-major) with `bias` padded to whole panels ([`PackedLinear::padded_bias`]); the
-    /// caller has checked AVX-512F.
-    pub(super) fn from_rows(w: &[f32], n: usize, k: usize, bias: Vec<f32>) -> Self {
+    /// Packs `w [N, K]` (row-major) with `bias` padded to whole panels ([`PackedLinear::padded_bias`]);
+    /// `None` on CPUs without a kernel.
+    pub(super) fn from_rows(w: &[f32], n: usize, k: usize, bias: Vec<f32>) -> Option<Self> {
+        let kernel = f32_kernel()?;
         let mut data = vec![0f32; n.div_ceil(PANEL) * k * PANEL];
         for col in 0..n {
             for (i, &v) in w[col * k..(col + 1) * k].iter().enumerate() {
                 data[f32_panel_index(k, col, i)] = v;
             }
         }
-        Self { n, k, data, bias }
+        Some(Self {
+            n,
+            k,
+            data,
+            bias,
+            kernel,
+        })
     }
 
     /// Packs `src [rows, cols]` read as the weight of a product with `rows` inputs and `cols` outputs (its
     /// transpose), without a bias: `G W` for a linear layer's input gradient.
-    pub(super) fn from_transposed(src: &[f32], rows: usize, cols: usize) -> Self {
+    pub(super) fn from_transposed(src: &[f32], rows: usize, cols: usize) -> Option<Self> {
+        let kernel = f32_kernel()?;
         let mut data = vec![0f32; cols.div_ceil(PANEL) * rows * PANEL];
         for (i, row) in src.chunks_exact(cols.max(1)).enumerate() {
             for (col, &v) in row.iter().enumerate() {
                 data[f32_panel_index(rows, col, i)] = v;
             }
         }
-        Self {
+        Some(Self {
             n: cols,
             k: rows,
             data,
             bias: vec![0f32; cols.div_ceil(PANEL) * PANEL],
-        }
+            kernel,
+        })
     }
 
     /// `x W^T + b` for `x [.., K]`; `None` when `x` is not an f32 CPU tensor outside an autograd graph.
@@ -528,24 +584,82 @@ impl PackedLinearF32 {
 
     pub(super) fn run(&self, x: &[f32], m: usize, out: &mut [f32]) {
         let panel_len = self.k * PANEL;
-        for_each_tile(m, self.n, self.k, out, |row, rows, panel, cols, c| {
-            let b = &self.data[panel * panel_len..(panel + 1) * panel_len];
-            let bias = &self.bias[panel * PANEL..(panel + 1) * PANEL];
-            let tile_a = &x[row * self.k..(row + rows) * self.k];
-            // SAFETY: AVX-512F was checked when packing; `c` is this tile's own block of `out`.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                macro_rules! tile {
-                    ($($r:literal)*) => {
+        let kernel = self.kernel;
+        for_each_tile(
+            (m, self.n, self.k),
+            kernel.rows(),
+            out,
+            |row, rows, panel, cols, c| {
+                let b = &self.data[panel * panel_len..(panel + 1) * panel_len];
+                let bias = &self.bias[panel * PANEL..(panel + 1) * PANEL];
+                let tile_a = &x[row * self.k..(row + rows) * self.k];
+                // SAFETY: the kernel's instructions were detected when packing; `c` is this tile's own block of
+                // `out`.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    macro_rules! tile {
+                    ($f:ident, $($r:literal)*) => {
                         match rows {
-                            $($r => tile_f32_avx512::<$r>(tile_a, self.k, b, bias, c, self.n, cols),)*
-                            _ => unreachable!("tiles have 1 to 8 rows"),
+                            $($r => $f::<$r>(tile_a, self.k, b, bias, c, self.n, cols),)*
+                            _ => unreachable!("tiles have 1 to {} rows", kernel.rows()),
                         }
                     };
                 }
-                tile!(1 2 3 4 5 6 7 8);
+                    match kernel {
+                        F32Kernel::Avx512 => tile!(tile_f32_avx512, 1 2 3 4 5 6 7 8),
+                        F32Kernel::Avx2 => tile!(tile_f32_avx2, 1 2 3 4 5 6),
+                    }
+                }
+            },
+        );
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_f32_avx2<const R: usize>(
+    a: &[f32],
+    k: usize,
+    b: &[f32],
+    bias: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    let (a_ptr, b_ptr) = (a.as_ptr(), b.as_ptr());
+    // The panel's two 16-column halves, each in 2 x R accumulators.
+    for half in 0..2 {
+        let c0 = half * 16;
+        if cols <= c0 {
+            break;
+        }
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for i in 0..k {
+            let b0 = _mm256_loadu_ps(b_ptr.add(i * PANEL + c0));
+            let b1 = _mm256_loadu_ps(b_ptr.add(i * PANEL + c0 + 8));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = _mm256_broadcast_ss(&*a_ptr.add(r * k + i));
+                acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
             }
-        });
+        }
+        let bias0 = _mm256_loadu_ps(bias.as_ptr().add(c0));
+        let bias1 = _mm256_loadu_ps(bias.as_ptr().add(c0 + 8));
+        let width = (cols - c0).min(16);
+        for (r, acc) in acc.iter().enumerate() {
+            let row = c.add(r * ldc + c0);
+            let (lo, hi) = (_mm256_add_ps(acc[0], bias0), _mm256_add_ps(acc[1], bias1));
+            if width == 16 {
+                _mm256_storeu_ps(row, lo);
+                _mm256_storeu_ps(row.add(8), hi);
+            } else {
+                let mut tmp = [0f32; 16];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), lo);
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), hi);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), row, width);
+            }
+        }
     }
 }
 
@@ -691,19 +805,34 @@ mod tests {
             let w = Tensor::randn(0f32, 0.1, (n, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
             let Some(packed) = PackedLinearF32::new(&w, Some(&b)).unwrap() else {
-                eprintln!("skipped: this CPU lacks AVX-512F");
+                eprintln!("skipped: this CPU has neither AVX2 with FMA nor AVX-512F");
                 return;
             };
             let unpacked: Vec<Vec<f32>> = packed.unpack().unwrap().to_vec2().unwrap();
             assert_eq!(unpacked, w.to_vec2::<f32>().unwrap(), "unpack {n}x{k}");
-            let got = packed.forward(&x).unwrap().unwrap();
             let want = x
                 .matmul(&w.t().unwrap())
                 .unwrap()
                 .broadcast_add(&b)
                 .unwrap();
-            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
-            assert!(diff.to_scalar::<f32>().unwrap() < 1e-4, "{m}x{k}x{n}");
+            // Every kernel this CPU can run, whichever `f32_kernel` picked.
+            let mut kernels = vec![F32Kernel::Avx2];
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx512f") {
+                kernels.push(F32Kernel::Avx512);
+            }
+            for kernel in kernels {
+                let packed = PackedLinearF32 {
+                    kernel,
+                    ..packed.clone()
+                };
+                let got = packed.forward(&x).unwrap().unwrap();
+                let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(
+                    diff.to_scalar::<f32>().unwrap() < 1e-4,
+                    "{kernel:?} {m}x{k}x{n}"
+                );
+            }
         }
     }
 

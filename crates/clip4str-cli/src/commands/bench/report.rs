@@ -105,11 +105,15 @@ pub(crate) fn cpu_name() -> String {
 pub(crate) fn simd_level() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512bf16") {
+        let avx512 = clip4str::nn::avx512_allowed();
+        if avx512 && std::arch::is_x86_feature_detected!("avx512bf16") {
             return "AVX-512 with BF16";
         }
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if avx512 && std::arch::is_x86_feature_detected!("avx512f") {
             return "AVX-512";
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "AVX2 (AVX-512 turned off by CLIP4STR_NO_AVX512=1)";
         }
         if std::arch::is_x86_feature_detected!("avx2") {
             return "AVX2";
