@@ -335,7 +335,7 @@ impl CustomOp3 for LinearF32 {
         let (g, x2) = linear_grad_rows(x, w, grad)?;
         let dx = wanted(x, || {
             if super::packed::f32_supported() {
-                g.apply_op2_no_bwd(&w.detach(), &InputGradF32)?
+                g.apply_op2_no_bwd(&w.detach(), &InputGrad { bf16: false })?
             } else {
                 g.matmul(&w.detach())?
             }
@@ -359,10 +359,13 @@ pub(super) fn wanted(
     }
 }
 
-/// `G [M, N] W [N, K]` on the packed f32 kernel: a linear layer's input gradient.
-struct InputGradF32;
+/// `G [M, N] W [N, K]`, a linear layer's input gradient, on the packed kernel: f32, or bf16 operands with f32
+/// accumulation (AVX512-BF16). `W` is packed as the weight of a product with K outputs and N inputs.
+pub(super) struct InputGrad {
+    pub bf16: bool,
+}
 
-impl CustomOp2 for InputGradF32 {
+impl CustomOp2 for InputGrad {
     fn name(&self) -> &'static str {
         "fused-linear-input-grad"
     }
@@ -378,11 +381,15 @@ impl CustomOp2 for InputGradF32 {
         let w = contiguous(s2, l2, self.name())?;
         let (m, n) = l1.shape().dims2()?;
         let (_, k) = l2.shape().dims2()?;
-        let Some(packed) = PackedLinearF32::from_transposed(w, n, k) else {
-            candle_core::bail!("{}: this CPU has no packed f32 kernel", self.name());
-        };
         let mut out = vec![0f32; m * k];
-        packed.run(g, m, &mut out);
+        if self.bf16 {
+            PackedLinear::from_transposed(w, n, k).run(g, m, &mut out, true);
+        } else {
+            let Some(packed) = PackedLinearF32::from_transposed(w, n, k) else {
+                candle_core::bail!("{}: this CPU has no packed f32 kernel", self.name());
+            };
+            packed.run(g, m, &mut out);
+        }
         Ok((CpuStorage::F32(out), Shape::from((m, k))))
     }
 }

@@ -6,11 +6,12 @@
 //! Only CPUs with AVX512-BF16 take this path ([`linear`] answers `None` elsewhere): emulated bf16 is slower
 //! than f32, so training there stays in f32.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::fused_grad::{args_output, bias_grad, linear_grad_rows, trainable, wanted, LinearArgs};
+use super::fused_grad::{
+    args_output, bias_grad, linear_grad_rows, trainable, wanted, InputGrad, LinearArgs,
+};
 use super::packed::{native_supported, PackedLinear};
-use super::rows::contiguous;
 
 /// `x [.., K] W^T + b` with `w [N, K]`, `b [N]`, differentiable in all three; `None` when the CPU lacks
 /// AVX512-BF16 or a tensor is not f32 on the CPU (the caller keeps its f32 path). Any leading dims are rows:
@@ -58,7 +59,7 @@ impl CustomOp3 for Bf16Linear {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (g, x2) = linear_grad_rows(x, w, grad)?;
         let dx = wanted(x, || {
-            g.apply_op2_no_bwd(&w.detach(), &InputGrad)?
+            g.apply_op2_no_bwd(&w.detach(), &InputGrad { bf16: true })?
                 .reshape(x.shape())
         })?;
         // The weight's gradient `G^T X` stays an f32 product: its sum runs over all M rows, which the bf16
@@ -66,33 +67,6 @@ impl CustomOp3 for Bf16Linear {
         // (measured: 8192 rows, 192 -> 576, 18 ms either way on an AMD EPYC with 2 threads).
         let dw = wanted(w, || g.t()?.matmul(&x2))?;
         Ok((dx, dw, wanted(b, || bias_grad(&g, b))?))
-    }
-}
-
-/// `G [M, N] W [N, K]`: the input's gradient.
-struct InputGrad;
-
-impl CustomOp2 for InputGrad {
-    fn name(&self) -> &'static str {
-        "bf16-train-linear-input-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = contiguous(s1, l1, self.name())?;
-        let w = contiguous(s2, l2, self.name())?;
-        let (m, n) = l1.shape().dims2()?;
-        let (_, k) = l2.shape().dims2()?;
-        // W as the weight of a product with K outputs and N inputs.
-        let packed = PackedLinear::from_transposed(w, n, k);
-        let mut out = vec![0f32; m * k];
-        packed.run(g, m, &mut out, true);
-        Ok((CpuStorage::F32(out), Shape::from((m, k))))
     }
 }
 
