@@ -50,6 +50,7 @@ pub mod clip;
 pub mod config;
 pub mod data;
 pub mod decoder;
+pub mod decoding;
 pub mod eval;
 pub mod family;
 pub mod model;
