@@ -67,6 +67,11 @@ pub enum ConfigError {
         width: usize,
     },
     /// Heads that do not divide the width.
+    #[error("STRAdapter: {reason}")]
+    Adapter {
+        /// What does not fit.
+        reason: String,
+    },
     #[error("{part}: width {width} is not divisible by {heads} heads")]
     IndivisibleHeads {
         /// `vision`, `text` or `decoder`.
@@ -216,7 +221,7 @@ pub(crate) fn clip_heads(width: usize) -> Option<usize> {
 }
 
 /// Dimension `i` of the tensor `name` among `(name, shape)` pairs.
-fn tensor_dim<'a>(
+pub(crate) fn tensor_dim<'a>(
     shapes: impl IntoIterator<Item = (&'a str, &'a [usize])>,
     name: &str,
     i: usize,

@@ -204,15 +204,34 @@ impl Decoder {
         dropout: f32,
         vb: VarBuilder,
     ) -> Result<Self> {
+        Self::split(
+            cfg,
+            (num_classes, charset_size, num_queries),
+            dropout,
+            vb.clone(),
+            vb,
+        )
+    }
+
+    /// Loads `layers.N` and `norm` from `stack`, and `text_embed`, `pos_queries`, `head` from `system`: the
+    /// layout of STRAdapter and PARSeq, whose decoder module is a bare stack and whose system holds the rest.
+    /// `sizes` are (classes, charset size, position queries).
+    pub fn split(
+        cfg: &DecoderConfig,
+        (num_classes, charset_size, num_queries): (usize, usize, usize),
+        dropout: f32,
+        stack: VarBuilder,
+        system: VarBuilder,
+    ) -> Result<Self> {
         let layers = (0..cfg.depth)
-            .map(|i| DecoderLayer::new(cfg, dropout, vb.pp("layers").pp(i)))
+            .map(|i| DecoderLayer::new(cfg, dropout, stack.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             layers,
-            text_embed: vb.get((charset_size, cfg.dim), "text_embed.embedding.weight")?,
-            pos_queries: vb.get((1, num_queries, cfg.dim), "pos_queries")?,
-            norm: LayerNorm::new(cfg.dim, vb.pp("norm"))?,
-            head: Linear::new(cfg.dim, num_classes, vb.pp("head"))?,
+            text_embed: system.get((charset_size, cfg.dim), "text_embed.embedding.weight")?,
+            pos_queries: system.get((1, num_queries, cfg.dim), "pos_queries")?,
+            norm: LayerNorm::new(cfg.dim, stack.pp("norm"))?,
+            head: Linear::new(cfg.dim, num_classes, system.pp("head"))?,
             dim: cfg.dim,
             dropout,
         })

@@ -57,6 +57,7 @@ pub mod model;
 pub mod nn;
 pub mod preprocess;
 pub mod recognizer;
+pub mod str_adapter;
 #[cfg(feature = "train")]
 pub mod train;
 

@@ -454,6 +454,7 @@ pub struct MultiheadAttention {
     kv_proj: Linear,
     out_proj: Linear,
     heads: usize,
+    /// Width of the queries, keys and values (the stream's width except in pruned blocks).
     dim: usize,
     dropout: f32,
     mode: Mode,
@@ -488,14 +489,28 @@ enum Kv {
 impl MultiheadAttention {
     /// Loads `in_proj_weight [3D, D]`, `in_proj_bias [3D]` and `out_proj`.
     pub fn new(dim: usize, heads: usize, dropout: f32, vb: VarBuilder) -> Result<Self> {
-        let in_w = vb.get((3 * dim, dim), "in_proj_weight")?;
-        let in_b = vb.get(3 * dim, "in_proj_bias")?;
-        let q_proj = Linear::from_weights(in_w.narrow(0, 0, dim)?, Some(in_b.narrow(0, 0, dim)?));
+        Self::with_inner(dim, dim, heads, dropout, vb)
+    }
+
+    /// An attention whose queries, keys and values are `inner` wide on a `dim`-wide stream (`in_proj_weight
+    /// [3 inner, dim]`, `out_proj [dim, inner]`): the pruned side blocks of LST (SPEC §16).
+    pub fn with_inner(
+        dim: usize,
+        inner: usize,
+        heads: usize,
+        dropout: f32,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let in_w = vb.get((3 * inner, dim), "in_proj_weight")?;
+        let in_b = vb.get(3 * inner, "in_proj_bias")?;
+        let q_proj =
+            Linear::from_weights(in_w.narrow(0, 0, inner)?, Some(in_b.narrow(0, 0, inner)?));
         let kv_proj = Linear::from_weights(
-            in_w.narrow(0, dim, 2 * dim)?,
-            Some(in_b.narrow(0, dim, 2 * dim)?),
+            in_w.narrow(0, inner, 2 * inner)?,
+            Some(in_b.narrow(0, inner, 2 * inner)?),
         );
-        let out_proj = Linear::new(dim, dim, vb.pp("out_proj"))?;
+        let out_proj = Linear::new(inner, dim, vb.pp("out_proj"))?;
+        let dim = inner;
         Ok(Self {
             q_proj,
             kv_proj,

@@ -19,12 +19,19 @@ pub struct ResidualAttentionBlock {
 impl ResidualAttentionBlock {
     /// Loads `ln_1`, `attn`, `ln_2`, `mlp.c_fc`, `mlp.c_proj` of width `dim` (MLP 4x).
     pub fn new(dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+        Self::pruned(dim, 1, heads, vb)
+    }
+
+    /// A block of width `dim` whose attention and MLP are `reduction` times narrower inside (attention
+    /// `dim / reduction`, MLP `4 dim / reduction`), as LST's pruned side blocks; `reduction` 1 is CLIP's block.
+    pub fn pruned(dim: usize, reduction: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+        let (inner, hidden) = (dim / reduction, 4 * dim / reduction);
         Ok(Self {
             ln_1: LayerNorm::new(dim, vb.pp("ln_1"))?,
-            attn: MultiheadAttention::new(dim, heads, 0.0, vb.pp("attn"))?,
+            attn: MultiheadAttention::with_inner(dim, inner, heads, 0.0, vb.pp("attn"))?,
             ln_2: LayerNorm::new(dim, vb.pp("ln_2"))?,
-            c_fc: Linear::new(dim, 4 * dim, vb.pp("mlp").pp("c_fc"))?,
-            c_proj: Linear::new(4 * dim, dim, vb.pp("mlp").pp("c_proj"))?,
+            c_fc: Linear::new(dim, hidden, vb.pp("mlp").pp("c_fc"))?,
+            c_proj: Linear::new(hidden, dim, vb.pp("mlp").pp("c_proj"))?,
             mode: Mode::default(),
         })
     }

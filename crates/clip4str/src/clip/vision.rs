@@ -68,10 +68,23 @@ impl VisionTransformer {
 
     /// `images [B, 3, H, W]` -> memory `[B, 1 + g*g, embed_dim]`.
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_with_block_inputs(images, &[])?.0)
+    }
+
+    /// [`Self::forward`], also returning the input of each block in `blocks` (`ln_pre`'s output for block 0,
+    /// else the previous block's output), in the order asked: what LST's side network reads (SPEC §16).
+    pub fn forward_with_block_inputs(
+        &self,
+        images: &Tensor,
+        blocks: &[usize],
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let (b, _, h, w) = images.dims4()?;
         let [ih, iw] = self.cfg.image_size;
         if (h, w) != (ih, iw) {
             candle_core::bail!("image is {h}x{w}, the model expects {ih}x{iw}");
+        }
+        if let Some(&bad) = blocks.iter().find(|&&i| i >= self.cfg.layers) {
+            candle_core::bail!("block {bad} asked for, the encoder has {}", self.cfg.layers);
         }
         let x = self.patchify(images)?;
         let cls = self
@@ -80,12 +93,29 @@ impl VisionTransformer {
             .broadcast_as((b, 1, self.cfg.width))?
             .to_dtype(x.dtype())?;
         let x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.positional_embedding)?;
-        let x = self.ln_pre.forward(&x)?;
-        let x = self.transformer.forward(&x, None)?;
-        let x = self.ln_post.forward(&x)?;
+        let mut x = self.ln_pre.forward(&x)?;
+        let mut inputs = vec![None; blocks.len()];
+        for (i, block) in self.transformer.resblocks.iter().enumerate() {
+            for (slot, _) in inputs.iter_mut().zip(blocks).filter(|(_, &b)| b == i) {
+                *slot = Some(x.clone());
+            }
+            x = block.forward(&x, None)?;
+        }
+        let memory = Self::project(&self.ln_post, &self.proj, &x)?;
+        Ok((memory, inputs.into_iter().flatten().collect()))
+    }
+
+    /// `ln(x) @ proj` over every token: the encoder's head, and LST's side network's own copy of it.
+    pub fn project(ln: &LayerNorm, proj: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let x = ln.forward(x)?;
         let (b, t, d) = x.dims3()?;
         x.reshape((b * t, d))?
-            .matmul(&self.proj)?
-            .reshape((b, t, self.proj.dim(1)?))
+            .matmul(proj)?
+            .reshape((b, t, proj.dim(1)?))
+    }
+
+    /// The encoder's configuration.
+    pub fn config(&self) -> &VisionConfig {
+        &self.cfg
     }
 }

@@ -1,0 +1,176 @@
+//! Parity of the STRAdapter family with the PyTorch reference (fixtures/peft, five adapter types): the memory
+//! after the adapter, the side network's output before its gate, the AR and refined logits, and the decoded
+//! strings and confidences, for 12 single images and a batch of 4.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use clip4str::str_adapter::{AdapterType, StrAdapter, StrAdapterConfig};
+use common::{fixtures, max_abs_diff};
+
+struct Fixture {
+    tensors: HashMap<String, Tensor>,
+    infer: serde_json::Value,
+    peft: serde_json::Value,
+}
+
+fn load_json(name: &str) -> serde_json::Value {
+    let path = fixtures().join("peft").join(name);
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("peft json")).expect("valid json")
+}
+
+fn fixture() -> Fixture {
+    Fixture {
+        tensors: candle_core::safetensors::load(
+            fixtures().join("peft/peft_infer.safetensors"),
+            &Device::Cpu,
+        )
+        .expect("peft_infer.safetensors"),
+        infer: load_json("peft_infer.json"),
+        peft: load_json("peft.json"),
+    }
+}
+
+/// The reference state dict of `kind`: the tiny model's CLIP and the type's own tensors; the config from their
+/// shapes and the checkpoint's hyper-parameters.
+fn load(kind: AdapterType, fx: &Fixture) -> StrAdapter {
+    let mut weights =
+        candle_core::safetensors::load(fixtures().join("tiny.safetensors"), &Device::Cpu)
+            .expect("tiny.safetensors");
+    weights.retain(|name, _| name.starts_with("clip_model."));
+    let own = candle_core::safetensors::load(
+        fixtures().join(format!("peft/{}.safetensors", kind.name())),
+        &Device::Cpu,
+    )
+    .expect("type weights");
+    weights.extend(own);
+    let shapes: Vec<(String, Vec<usize>)> = weights
+        .iter()
+        .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+        .collect();
+    let hparams = &fx.peft["types"][kind.name()]["hyper_parameters"];
+    let cfg = StrAdapterConfig::from_tensors(&shapes, Some(hparams)).expect("config");
+    assert_eq!(cfg.adapter, kind);
+    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    StrAdapter::new(&cfg, vb).expect("model builds")
+}
+
+fn input(fx: &Fixture, case: &str) -> Tensor {
+    if case == "batch4" {
+        let names = fx.infer["batches"]["batch4"]
+            .as_array()
+            .expect("batch4 images");
+        let parts: Vec<Tensor> = names
+            .iter()
+            .map(|n| fx.tensors[&format!("{}/input", n.as_str().unwrap())].clone())
+            .collect();
+        Tensor::cat(&parts, 0).expect("batch")
+    } else {
+        fx.tensors[&format!("{case}/input")].clone()
+    }
+}
+
+#[test]
+fn every_adapter_type_matches_the_reference() {
+    let fx = fixture();
+    let mut cases: Vec<String> = fx.infer["cases"]
+        .as_object()
+        .expect("cases")
+        .keys()
+        .cloned()
+        .collect();
+    cases.push("batch4".into());
+    let mut worst = HashMap::new();
+    for kind in AdapterType::ALL {
+        let model = load(kind, &fx);
+        let meta = &fx.infer["types"][kind.name()];
+        for case in &cases {
+            let x = input(&fx, case);
+            let key = |q: &str| format!("{}/{case}/{q}", kind.name());
+            let memory = model.encode(&x).expect("encode");
+            let mut check = |what: &str, got: &Tensor, want: &Tensor, tol: f32| {
+                let d = max_abs_diff(got, want);
+                assert!(d <= tol, "{} {case} {what}: off by {d}", kind.name());
+                let w = worst.entry((kind.name(), what.to_string())).or_insert(0f32);
+                *w = w.max(d);
+            };
+            check("memory", &memory, &fx.tensors[&key("memory")], 1e-4);
+            if let Some(want) = fx.tensors.get(&key("debug/side_output_before_mix")) {
+                let side = model.side_output(&x).expect("side").expect("a ladder");
+                check("side output", &side, want, 1e-4);
+            }
+            let (ar, refined) = model.forward(&x).expect("forward");
+            check("AR logits", &ar, &fx.tensors[&key("ar_logits")], 1e-4);
+            check("logits", &refined, &fx.tensors[&key("logits")], 1e-4);
+            let decoded = model.decode(&refined).expect("decode");
+            let want = if case == "batch4" {
+                &meta["batches"]["batch4"]["decoded"]
+            } else {
+                &meta["cases"][case.as_str()]["decoded"]
+            };
+            let want = want.as_array().expect("decoded");
+            assert_eq!(decoded.len(), want.len());
+            for (got, want) in decoded.iter().zip(want) {
+                assert_eq!(
+                    got.text,
+                    want["pred_raw"].as_str().unwrap(),
+                    "{} {case}",
+                    kind.name()
+                );
+                let conf = want["confidence"].as_f64().unwrap() as f32;
+                assert!(
+                    (got.confidence() - conf).abs() <= 1e-5,
+                    "{} {case}: confidence {} vs {conf}",
+                    kind.name(),
+                    got.confidence()
+                );
+            }
+        }
+    }
+    let mut worst: Vec<_> = worst.into_iter().collect();
+    worst.sort_by(|a, b| a.0.cmp(&b.0));
+    for ((kind, what), d) in worst {
+        eprintln!("{kind:>15} {what:<12} max |diff| {d:.2e}");
+    }
+}
+
+/// The adapter type comes from the tensor names when the hyper-parameters do not say it, and hyper-parameters
+/// that contradict the file are refused with the reason.
+#[test]
+fn adapter_type_from_names_and_contradictions_refused() {
+    let fx = fixture();
+    for kind in AdapterType::ALL {
+        let mut names: Vec<(String, Vec<usize>)> =
+            candle_core::safetensors::load(fixtures().join("tiny.safetensors"), &Device::Cpu)
+                .expect("tiny")
+                .into_iter()
+                .filter(|(n, _)| n.starts_with("clip_model."))
+                .chain(
+                    candle_core::safetensors::load(
+                        fixtures().join(format!("peft/{}.safetensors", kind.name())),
+                        &Device::Cpu,
+                    )
+                    .expect("type weights"),
+                )
+                .map(|(n, t)| (n, t.dims().to_vec()))
+                .collect();
+        names.sort();
+        let mut hparams = fx.peft["types"][kind.name()]["hyper_parameters"].clone();
+        let full = hparams.clone();
+        hparams.as_object_mut().unwrap().remove("adapter_type");
+        let cfg = StrAdapterConfig::from_tensors(&names, Some(&hparams)).expect("config");
+        assert_eq!(cfg.adapter, kind, "{}", kind.name());
+        if matches!(
+            kind,
+            AdapterType::Ladder | AdapterType::LinearLadder | AdapterType::LadderPruning
+        ) {
+            let mut wrong = full;
+            wrong["block_ids"] = serde_json::json!([0, 1, 1]);
+            let err = StrAdapterConfig::from_tensors(&names, Some(&wrong)).unwrap_err();
+            assert!(err.to_string().contains("side blocks"), "{err}");
+        }
+    }
+}
