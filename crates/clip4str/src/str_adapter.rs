@@ -4,7 +4,9 @@
 //! the ladder side networks of LST (`ladder`, `linear_ladder`, `ladder_pruning`), which read the inputs of chosen
 //! CLIP blocks and are gated against CLIP's own output.
 
-use candle_core::{Module, Result, Tensor, D};
+use std::collections::HashMap;
+
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::charset::{CharsetTokenizer, Decoded, CHARSET_36, CHARSET_94};
@@ -504,4 +506,115 @@ impl StrAdapter {
             })
             .collect())
     }
+}
+
+/// The indices of the `n` largest of `values`, ascending (the reference's `prune_v2` selection).
+fn keep_largest(values: &[f32], n: usize) -> Vec<u32> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+    let mut kept: Vec<u32> = order[..n.min(values.len())]
+        .iter()
+        .map(|&i| i as u32)
+        .collect();
+    kept.sort_unstable();
+    kept
+}
+
+/// Row (`dim` 0) or column (`dim` 1) L1 norms of a matrix.
+fn l1_norms(w: &Tensor, dim: usize) -> Result<Vec<f32>> {
+    w.abs()?.sum(1 - dim)?.to_dtype(DType::F32)?.to_vec1()
+}
+
+/// `w` with only the rows (`dim` 0) or columns (`dim` 1) of largest L1 norm, `n` of them.
+fn prune_by_norm(w: &Tensor, dim: usize, n: usize) -> Result<Tensor> {
+    let kept = keep_largest(&l1_norms(w, dim)?, n);
+    w.index_select(&Tensor::new(kept, w.device())?, dim)
+}
+
+/// `b` with only its `n` entries of largest magnitude.
+fn prune_bias(b: &Tensor, n: usize) -> Result<Tensor> {
+    let kept = keep_largest(&b.abs()?.to_dtype(DType::F32)?.to_vec1()?, n);
+    b.index_select(&Tensor::new(kept, b.device())?, 0)
+}
+
+/// The construction-time values of a ladder adapter's CLIP-derived tensors (SPEC §16): `ln_post` and `proj`
+/// copied from CLIP's, gates `alpha = 0`, and for `ladder` / `ladder_pruning` each side block `k` derived from
+/// CLIP visual block `block_ids[k]` (`prune_v2`: every tensor pruned on its own by L1 norm or magnitude,
+/// `int(rows / prune_reduction)` kept, in their original order; a reduction of 1 copies the block).
+/// `linear_ladder`'s side blocks are not derived from CLIP and are not returned.
+pub fn ladder_init(
+    weights: &HashMap<String, Tensor>,
+    cfg: &StrAdapterConfig,
+) -> Result<Vec<(String, Tensor)>> {
+    let get = |name: &str| {
+        weights
+            .get(name)
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{name} is missing")))
+    };
+    let visual = "clip_model.visual";
+    let mut out = vec![
+        (
+            "adapter.ln_post.weight".to_string(),
+            get(&format!("{visual}.ln_post.weight"))?,
+        ),
+        (
+            "adapter.ln_post.bias".to_string(),
+            get(&format!("{visual}.ln_post.bias"))?,
+        ),
+        ("adapter.proj".to_string(), get(&format!("{visual}.proj"))?),
+    ];
+    let proj = get(&format!("{visual}.proj"))?;
+    let alpha = Tensor::zeros(cfg.block_ids.len(), proj.dtype(), proj.device())?;
+    out.push(("adapter.alpha".to_string(), alpha));
+    let r = match cfg.adapter {
+        AdapterType::Ladder => 1,
+        AdapterType::LadderPruning => cfg.prune_reduction.max(1),
+        _ => return Ok(out),
+    };
+    let w = cfg.vision.width;
+    for (k, b) in cfg.block_ids.iter().enumerate() {
+        let src = |n: &str| get(&format!("{visual}.transformer.resblocks.{b}.{n}"));
+        let mut put = |n: &str, t: Tensor| out.push((format!("adapter.resblocks.{k}.{n}"), t));
+        let (in_w, in_b) = (src("attn.in_proj_weight")?, src("attn.in_proj_bias")?);
+        let thirds =
+            |t: &Tensor| -> Result<Vec<Tensor>> { (0..3).map(|i| t.narrow(0, i * w, w)).collect() };
+        let weight_rows = thirds(&in_w)?
+            .iter()
+            .map(|t| prune_by_norm(t, 0, w / r))
+            .collect::<Result<Vec<_>>>()?;
+        put("attn.in_proj_weight", Tensor::cat(&weight_rows, 0)?);
+        let bias = thirds(&in_b)?
+            .iter()
+            .map(|t| prune_bias(t, w / r))
+            .collect::<Result<Vec<_>>>()?;
+        put("attn.in_proj_bias", Tensor::cat(&bias, 0)?);
+        put(
+            "attn.out_proj.weight",
+            prune_by_norm(&src("attn.out_proj.weight")?, 1, w / r)?,
+        );
+        put(
+            "mlp.c_fc.weight",
+            prune_by_norm(&src("mlp.c_fc.weight")?, 0, 4 * w / r)?,
+        );
+        put(
+            "mlp.c_fc.bias",
+            prune_bias(&src("mlp.c_fc.bias")?, 4 * w / r)?,
+        );
+        put(
+            "mlp.c_proj.weight",
+            prune_by_norm(&src("mlp.c_proj.weight")?, 1, 4 * w / r)?,
+        );
+        for n in [
+            "attn.out_proj.bias",
+            "mlp.c_proj.bias",
+            "ln_1.weight",
+            "ln_1.bias",
+            "ln_2.weight",
+            "ln_2.bias",
+        ] {
+            put(n, src(n)?);
+        }
+    }
+    Ok(out)
 }

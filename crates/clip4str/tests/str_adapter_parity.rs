@@ -174,3 +174,37 @@ fn adapter_type_from_names_and_contradictions_refused() {
         }
     }
 }
+
+/// `ladder_pruning`'s side network as the reference builds it from CLIP (pruned by L1 norm, SPEC §16): the
+/// fixture file holds exactly the construction-time values (only `alpha` was changed after), so every derived
+/// tensor must be bit-identical; `ln_post` and `proj` are CLIP's.
+#[test]
+fn ladder_pruning_side_network_is_derived_from_clip_exactly() {
+    let fx = fixture();
+    let clip = candle_core::safetensors::load(fixtures().join("tiny.safetensors"), &Device::Cpu)
+        .expect("tiny");
+    let file = candle_core::safetensors::load(
+        fixtures().join("peft/ladder_pruning.safetensors"),
+        &Device::Cpu,
+    )
+    .expect("ladder_pruning");
+    let model = load(AdapterType::LadderPruning, &fx);
+    let derived = clip4str::str_adapter::ladder_init(&clip, model.config()).expect("init");
+    let mut checked = 0;
+    for (name, t) in derived {
+        if name == "adapter.alpha" {
+            assert_eq!(t.to_vec1::<f32>().unwrap(), vec![0.0; 2]);
+            continue;
+        }
+        let want = &file[&name];
+        assert_eq!(t.dims(), want.dims(), "{name}");
+        assert_eq!(
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{name}"
+        );
+        checked += 1;
+    }
+    // ln_post (2) + proj + 2 blocks x 12 tensors.
+    assert_eq!(checked, 27);
+}
