@@ -564,3 +564,67 @@ fn bf16_without_avx512_bf16_falls_back_to_f32_with_a_note() {
         }
     }
 }
+
+/// `read` takes an STRAdapter file (frozen CLIP + CLIP-Adapter + one PARSeq decoder, hyper-parameters in the
+/// metadata) like any checkpoint: the family comes from its tensor names, and the raw texts (what `read.py`
+/// prints) and confidences are the reference's (fixtures/peft, `linear`).
+#[test]
+fn reads_an_str_adapter_checkpoint_like_the_reference() {
+    use candle_core::{Device, Tensor};
+    use clip4str::checkpoint::{save_safetensors, HYPER_PARAMETERS_METADATA_KEY};
+    let load = |name: &str| {
+        candle_core::safetensors::load(fixtures().join(name), &Device::Cpu).expect("fixture")
+    };
+    let mut tensors: Vec<(String, Tensor)> = load("tiny.safetensors")
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("clip_model."))
+        .collect();
+    tensors.extend(load("peft/linear.safetensors"));
+    let peft: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("peft/peft.json")).expect("peft.json"),
+    )
+    .expect("json");
+    let hparams = peft["types"]["linear"]["hyper_parameters"].to_string();
+    let metadata =
+        std::collections::HashMap::from([(HYPER_PARAMETERS_METADATA_KEY.to_string(), hparams)]);
+    let dir = common::temp_dir("str_adapter_read");
+    let file = dir.join("linear.safetensors");
+    save_safetensors(&file, &tensors, &metadata).expect("save");
+    let infer: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("peft/peft_infer.json")).expect("json"),
+    )
+    .expect("json");
+    let cases = [
+        "synth_noise_100x32",
+        "synth_text_L_140x40",
+        "synth_gradient_53x37",
+    ];
+    let images: Vec<String> = cases
+        .iter()
+        .map(|c| {
+            fixtures()
+                .join(format!("images/{c}.png"))
+                .display()
+                .to_string()
+        })
+        .collect();
+    let mut args = vec!["read", "--checkpoint", file.to_str().unwrap()];
+    args.extend(images.iter().map(String::as_str));
+    let out = clip4str(&args);
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = parse_lines(&out.stdout);
+    assert_eq!(lines.len(), cases.len());
+    for ((_, text, conf), case) in lines.iter().zip(cases) {
+        let want = &infer["types"]["linear"]["cases"][case]["decoded"][0];
+        assert_eq!(text, want["pred_raw"].as_str().unwrap(), "{case}");
+        let want_conf = want["confidence"].as_f64().unwrap();
+        assert!(
+            (conf - want_conf).abs() < 1e-4,
+            "{case}: {conf} vs {want_conf}"
+        );
+    }
+}

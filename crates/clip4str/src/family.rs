@@ -14,12 +14,15 @@ use crate::checkpoint::{check_tensors, LoadError, RawCheckpoint};
 use crate::config::Clip4StrConfig;
 use crate::model::{Clip4Str, ForwardOptions, StageObserver, Trace};
 use crate::nn::Mode;
+use crate::str_adapter::{StrAdapter, StrAdapterConfig};
 
 /// The recognizer families this crate builds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ModelFamily {
     /// CLIP image and text encoders with a visual and a cross-modal PARSeq decoder (the paper's model).
     Clip4Str,
+    /// A frozen CLIP image encoder, an adapter and one PARSeq decoder (the paper's parameter-efficient tuning).
+    StrAdapter,
 }
 
 /// Whether a checkpoint's tensor names are those of a family.
@@ -27,19 +30,10 @@ type NameRule = fn(&Names) -> bool;
 
 /// Families of the reference code that this crate does not build yet, told apart by their tensor names so that
 /// their checkpoints are refused by name rather than as "a tensor is missing".
-const NOT_BUILT: [(&str, NameRule); 2] = [
-    (
-        "STRAdapter (frozen CLIP with an adapter and one PARSeq decoder)",
-        |n| {
-            n.any("clip_model.")
-                && !n.any("visual_decoder.")
-                && (n.any("adapter.") || n.any("decoder."))
-        },
-    ),
-    ("PARSeq (ViT encoder and PARSeq decoder, no CLIP)", |n| {
+const NOT_BUILT: [(&str, NameRule); 1] =
+    [("PARSeq (ViT encoder and PARSeq decoder, no CLIP)", |n| {
         !n.any("clip_model.") && n.any("encoder.") && n.any("decoder.")
-    }),
-];
+    })];
 
 /// The tensor names of a checkpoint, asked by prefix.
 struct Names<'a>(&'a [(String, Tensor)]);
@@ -52,12 +46,13 @@ impl Names<'_> {
 
 impl ModelFamily {
     /// Every family this crate builds.
-    pub const ALL: [ModelFamily; 1] = [ModelFamily::Clip4Str];
+    pub const ALL: [ModelFamily; 2] = [ModelFamily::Clip4Str, ModelFamily::StrAdapter];
 
     /// The family's name in messages and reports.
     pub fn name(self) -> &'static str {
         match self {
             Self::Clip4Str => "CLIP4STR",
+            Self::StrAdapter => "STRAdapter",
         }
     }
 
@@ -68,11 +63,14 @@ impl ModelFamily {
         if names.any("visual_decoder.") || names.any("cross_decoder.") {
             return Ok(Self::Clip4Str);
         }
+        if names.any("clip_model.") && (names.any("adapter.") || names.any("decoder.")) {
+            return Ok(Self::StrAdapter);
+        }
         match NOT_BUILT.iter().find(|(_, matches)| matches(&names)) {
             Some((family, _)) => Err(LoadError::Config {
                 path: raw.path.clone(),
                 reason: format!(
-                    "this is a {family} checkpoint; clip4str reads CLIP4STR checkpoints only"
+                    "this is a {family} checkpoint; clip4str reads CLIP4STR and STRAdapter checkpoints"
                 ),
             }),
             None => Ok(Self::Clip4Str),
@@ -85,6 +83,8 @@ impl ModelFamily {
 pub enum ModelConfig {
     /// A CLIP4STR model.
     Clip4Str(Clip4StrConfig),
+    /// An STRAdapter model.
+    StrAdapter(StrAdapterConfig),
 }
 
 impl ModelConfig {
@@ -92,6 +92,7 @@ impl ModelConfig {
     pub fn family(&self) -> ModelFamily {
         match self {
             Self::Clip4Str(_) => ModelFamily::Clip4Str,
+            Self::StrAdapter(_) => ModelFamily::StrAdapter,
         }
     }
 
@@ -99,6 +100,7 @@ impl ModelConfig {
     pub fn expected_tensors(&self) -> candle_core::Result<Vec<(String, Vec<usize>)>> {
         match self {
             Self::Clip4Str(cfg) => Clip4Str::expected_tensors(cfg),
+            Self::StrAdapter(cfg) => StrAdapter::expected_tensors(cfg),
         }
     }
 
@@ -106,6 +108,7 @@ impl ModelConfig {
     pub fn hyper_parameters(&self) -> serde_json::Value {
         match self {
             Self::Clip4Str(cfg) => cfg.hyper_parameters(),
+            Self::StrAdapter(cfg) => cfg.hyper_parameters(),
         }
     }
 }
@@ -126,6 +129,10 @@ pub fn identify(
     raw: &RawCheckpoint,
     config_override: Option<&serde_json::Value>,
 ) -> Result<Identified, LoadError> {
+    let config_error = |error| LoadError::ModelConfig {
+        path: raw.path.clone(),
+        error,
+    };
     let config = match ModelFamily::detect(raw)? {
         ModelFamily::Clip4Str => ModelConfig::Clip4Str(
             Clip4StrConfig::from_tensors_with(
@@ -133,18 +140,41 @@ pub fn identify(
                 raw.hyper_parameters.as_ref(),
                 config_override,
             )
-            .map_err(|error| LoadError::ModelConfig {
-                path: raw.path.clone(),
-                error,
-            })?,
+            .map_err(config_error)?,
         ),
+        ModelFamily::StrAdapter => {
+            // A `--config` JSON fills in what a file without hyper-parameters cannot tell.
+            let mut hparams = raw
+                .hyper_parameters
+                .clone()
+                .unwrap_or_else(|| serde_json::json!({}));
+            if let (Some(h), Some(serde_json::Value::Object(o))) =
+                (hparams.as_object_mut(), config_override)
+            {
+                h.extend(o.clone());
+            }
+            ModelConfig::StrAdapter(
+                StrAdapterConfig::from_tensors(&raw.shapes(), Some(&hparams))
+                    .map_err(config_error)?,
+            )
+        }
     };
-    let expected = config
+    let mut expected = config
         .expected_tensors()
         .map_err(|source| LoadError::Tensor {
             path: raw.path.clone(),
             error: source,
         })?;
+    if config.family() == ModelFamily::StrAdapter {
+        // Released files keep all of CLIP, whose text half STRAdapter never reads.
+        let used: std::collections::HashSet<String> =
+            expected.iter().map(|(n, _)| n.clone()).collect();
+        expected.extend(
+            raw.shapes()
+                .into_iter()
+                .filter(|(n, _)| n.starts_with("clip_model.") && !used.contains(n)),
+        );
+    }
     check_tensors(raw, &expected)?;
     Ok(Identified { config, expected })
 }
@@ -154,6 +184,32 @@ pub fn identify(
 pub enum Model {
     /// CLIP4STR.
     Clip4Str(Clip4Str),
+    /// STRAdapter.
+    StrAdapter(StrAdapter),
+}
+
+/// What every family's forward pass gives: the image tokens the decoder read, the AR logits, and the output.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// Image tokens `[B, S, E]` (after the adapter, for STRAdapter).
+    pub memory: Tensor,
+    /// AR steps actually run (`T`).
+    pub num_ar_steps: usize,
+    /// The (visual) decoder's AR logits `[B, T, C]`.
+    pub vis_logits: Tensor,
+    /// The output logits `[B, num_steps, C]`: CLIP4STR's refined cross-modal logits, STRAdapter's refined ones.
+    pub final_logits: Tensor,
+}
+
+impl From<Trace> for Output {
+    fn from(t: Trace) -> Self {
+        Self {
+            memory: t.memory,
+            num_ar_steps: t.num_ar_steps,
+            vis_logits: t.vis_logits,
+            final_logits: t.final_logits,
+        }
+    }
 }
 
 impl From<Clip4Str> for Model {
@@ -178,6 +234,9 @@ impl Model {
             ModelConfig::Clip4Str(cfg) => Ok(Self::Clip4Str(
                 Clip4Str::new(cfg, vb).map_err(tensor_error)?,
             )),
+            ModelConfig::StrAdapter(cfg) => Ok(Self::StrAdapter(
+                StrAdapter::new(cfg, vb).map_err(tensor_error)?,
+            )),
         }
     }
 
@@ -185,6 +244,7 @@ impl Model {
     pub fn family(&self) -> ModelFamily {
         match self {
             Self::Clip4Str(_) => ModelFamily::Clip4Str,
+            Self::StrAdapter(_) => ModelFamily::StrAdapter,
         }
     }
 
@@ -192,6 +252,7 @@ impl Model {
     pub fn config(&self) -> ModelConfig {
         match self {
             Self::Clip4Str(m) => ModelConfig::Clip4Str(m.config().clone()),
+            Self::StrAdapter(m) => ModelConfig::StrAdapter(m.config().clone()),
         }
     }
 
@@ -199,6 +260,7 @@ impl Model {
     pub fn device(&self) -> &Device {
         match self {
             Self::Clip4Str(m) => m.device(),
+            Self::StrAdapter(m) => m.device(),
         }
     }
 
@@ -206,6 +268,7 @@ impl Model {
     pub fn input_size(&self) -> [usize; 2] {
         match self {
             Self::Clip4Str(m) => m.config().vision.image_size,
+            Self::StrAdapter(m) => m.config().vision.image_size,
         }
     }
 
@@ -213,6 +276,7 @@ impl Model {
     pub fn charset_test(&self) -> &str {
         match self {
             Self::Clip4Str(m) => &m.config().charset_test,
+            Self::StrAdapter(m) => &m.config().charset_test,
         }
     }
 
@@ -220,6 +284,7 @@ impl Model {
     pub fn max_label_length(&self) -> usize {
         match self {
             Self::Clip4Str(m) => m.config().max_label_length,
+            Self::StrAdapter(m) => m.config().max_label_length,
         }
     }
 
@@ -227,6 +292,7 @@ impl Model {
     pub fn tokenizer(&self) -> &CharsetTokenizer {
         match self {
             Self::Clip4Str(m) => &m.tokenizer,
+            Self::StrAdapter(m) => &m.tokenizer,
         }
     }
 
@@ -234,19 +300,23 @@ impl Model {
     pub fn with_mode(&self, mode: Mode) -> Self {
         match self {
             Self::Clip4Str(m) => Self::Clip4Str(m.with_mode(mode)),
+            Self::StrAdapter(m) => Self::StrAdapter(m.with_mode(mode)),
         }
     }
 
-    /// Forward pass over images `[B, 3, H, W]` keeping every intermediate; `observer` hears each stage end.
+    /// Forward pass over images `[B, 3, H, W]`; `observer` hears each stage end.
     pub fn forward_trace(
         &self,
         images: &Tensor,
         adapter: &CharsetAdapter,
         opts: &ForwardOptions,
         observer: &mut dyn StageObserver,
-    ) -> candle_core::Result<Trace> {
+    ) -> candle_core::Result<Output> {
         match self {
-            Self::Clip4Str(m) => m.forward_observed(images, adapter, opts, observer),
+            Self::Clip4Str(m) => m
+                .forward_observed(images, adapter, opts, observer)
+                .map(Output::from),
+            Self::StrAdapter(m) => m.forward_observed(images, opts, observer),
         }
     }
 }
@@ -303,13 +373,15 @@ mod tests {
             "adapter.fc.0.weight",
             "decoder.norm.weight",
         ]);
-        for (file, family) in [(parseq, "PARSeq"), (adapter, "STRAdapter")] {
-            let err = ModelFamily::detect(&file).unwrap_err().to_string();
-            assert!(
-                err.contains(family) && err.contains("x.safetensors"),
-                "{err}"
-            );
-        }
+        assert_eq!(
+            ModelFamily::detect(&adapter).unwrap(),
+            ModelFamily::StrAdapter
+        );
+        let err = ModelFamily::detect(&parseq).unwrap_err().to_string();
+        assert!(
+            err.contains("PARSeq") && err.contains("x.safetensors"),
+            "{err}"
+        );
         // Anything else is read as CLIP4STR, whose shape inference then names what is missing.
         let other = raw(&["conv.weight"]);
         assert_eq!(ModelFamily::detect(&other).unwrap(), ModelFamily::Clip4Str);

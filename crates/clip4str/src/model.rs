@@ -558,22 +558,28 @@ impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {
     }
 }
 
+/// The `(name, shape)` list a constructor asks its `VarBuilder` for, in order: derived by running the real
+/// constructor, so it cannot drift from the model code.
+pub(crate) fn record_shapes(
+    build: impl FnOnce(VarBuilder) -> Result<()>,
+) -> Result<Vec<(String, Vec<usize>)>> {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let vb = VarBuilder::from_backend(
+        Box::new(ShapeRecorder(seen.clone())),
+        DType::F32,
+        Device::Cpu,
+    );
+    build(vb)?;
+    let list = seen
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("shape recorder poisoned".into()))?
+        .clone();
+    Ok(list)
+}
+
 impl Clip4Str {
     /// The state-dict `(name, shape)` list this configuration loads, in construction order.
-    ///
-    /// Derived by running the real constructors, so it cannot drift from the model code.
     pub fn expected_tensors(cfg: &Clip4StrConfig) -> Result<Vec<(String, Vec<usize>)>> {
-        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let vb = VarBuilder::from_backend(
-            Box::new(ShapeRecorder(seen.clone())),
-            DType::F32,
-            Device::Cpu,
-        );
-        Self::new(cfg, vb)?;
-        let list = seen
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("shape recorder poisoned".into()))?
-            .clone();
-        Ok(list)
+        record_shapes(|vb| Self::new(cfg, vb).map(|_| ()))
     }
 }

@@ -8,8 +8,8 @@ use rayon::prelude::*;
 
 use crate::charset::{CharsetAdapter, Decoded};
 use crate::checkpoint::{read_checkpoint, LoadError, RawCheckpoint};
-use crate::family::{identify, Model};
-use crate::model::{ForwardOptions, StageObserver, Trace};
+use crate::family::{identify, Model, Output};
+use crate::model::{ForwardOptions, StageObserver};
 use crate::nn::Mode;
 pub use crate::nn::Precision;
 use crate::preprocess::{resize_bicubic, to_chw, Normalization};
@@ -211,8 +211,8 @@ impl Recognizer {
         )?)
     }
 
-    /// Full forward with every intermediate for an input batch `[B, 3, H, W]`.
-    pub fn trace(&self, batch: &Tensor) -> Result<Trace, RecognizerError> {
+    /// Full forward of an input batch `[B, 3, H, W]`: image tokens, AR logits, output logits.
+    pub fn trace(&self, batch: &Tensor) -> Result<Output, RecognizerError> {
         self.trace_observed(batch, &mut ())
     }
 
@@ -221,7 +221,7 @@ impl Recognizer {
         &self,
         batch: &Tensor,
         observer: &mut dyn StageObserver,
-    ) -> Result<Trace, RecognizerError> {
+    ) -> Result<Output, RecognizerError> {
         let opts = ForwardOptions {
             max_length: self.opts.max_length,
             refine_iters: self.opts.refine_iters,

@@ -17,6 +17,8 @@ use crate::config::{
 };
 use crate::decoder::Decoder;
 use crate::decoding::{decode_ar, refine_pass};
+use crate::family::Output;
+use crate::model::{ForwardOptions, Stage, StageObserver};
 use crate::nn::{LayerNorm, Linear, Mode};
 
 /// Which adapter sits between the frozen encoder and the decoder (`adapter_type` of the reference).
@@ -251,6 +253,27 @@ impl StrAdapterConfig {
     }
 }
 
+impl StrAdapterConfig {
+    /// Lightning-style `hyper_parameters` so [`StrAdapterConfig::from_tensors`] restores everything the shapes
+    /// do not tell.
+    pub fn hyper_parameters(&self) -> serde_json::Value {
+        serde_json::json!({
+            "adapter_type": self.adapter.name(),
+            "block_ids": self.block_ids,
+            "prune_reduction": self.prune_reduction,
+            "img_size": self.vision.image_size,
+            "patch_size": self.vision.patch_size,
+            "dec_num_heads": self.decoder.heads,
+            "dec_depth": self.decoder.depth,
+            "charset_train": self.charset_train,
+            "charset_test": self.charset_test,
+            "max_label_length": self.max_label_length,
+            "dropout": self.dropout,
+            "clip_arch": { "vision_heads": self.vision.heads },
+        })
+    }
+}
+
 /// `relu(fc2(relu(fc1 x)))` without biases: CLIP-Adapter's bottleneck (`fc.0`, `fc.2`).
 #[derive(Debug, Clone)]
 struct Bottleneck {
@@ -414,6 +437,24 @@ impl StrAdapter {
         })
     }
 
+    /// The state-dict `(name, shape)` list this configuration loads, in construction order. A released file
+    /// also holds CLIP's text half, which STRAdapter never reads (see [`crate::family::identify`]).
+    pub fn expected_tensors(cfg: &StrAdapterConfig) -> Result<Vec<(String, Vec<usize>)>> {
+        crate::model::record_shapes(|vb| Self::new(cfg, vb).map(|_| ()))
+    }
+
+    /// Where the weights live: inputs go there.
+    pub fn device(&self) -> &candle_core::Device {
+        self.visual.device()
+    }
+
+    /// The same model computing in `mode` (weights shared with `self`).
+    pub fn with_mode(&self, mode: Mode) -> Self {
+        let mut m = self.clone();
+        m.set_mode(mode);
+        m
+    }
+
     /// Computes in `mode` from now on.
     pub fn set_mode(&mut self, mode: Mode) {
         self.visual.set_mode(mode);
@@ -469,8 +510,23 @@ impl StrAdapter {
     /// Test-mode forward (SPEC §16, the PARSeq forward): greedy AR decoding with the batch-wide early stop, then
     /// one cloze refinement. Returns the AR logits `[B, T, C]` and the refined logits `[B, 26, C]`.
     pub fn forward(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
-        let memory = self.encode(images)?;
-        let num_steps = self.cfg.max_label_length + 1;
+        let out = self.forward_observed(images, &ForwardOptions::default(), &mut ())?;
+        Ok((out.vis_logits, out.final_logits))
+    }
+
+    /// The forward pass under `opts` (validation length, refinement passes), telling `observer` as the encoder
+    /// (CLIP and the adapter), the AR decoding and each refinement end.
+    pub fn forward_observed(
+        &self,
+        images: &Tensor,
+        opts: &ForwardOptions,
+        observer: &mut dyn StageObserver,
+    ) -> Result<Output> {
+        let memory = self.encode(&images.to_dtype(DType::F32)?)?;
+        observer.stage_done(Stage::Encoder);
+        let testing = opts.max_length.is_none();
+        let max_len = self.cfg.max_label_length;
+        let num_steps = opts.max_length.map_or(max_len, |l| l.min(max_len)) + 1;
         let (bos, pad) = (self.tokenizer.bos_id(), self.tokenizer.pad_id());
         let mut tgt: Vec<Vec<u32>> = (0..memory.dim(0)?)
             .map(|_| {
@@ -486,11 +542,21 @@ impl StrAdapter {
             &kv,
             &mut tgt,
             num_steps,
-            true,
+            testing,
             memory.device(),
         )?;
-        let refined = refine_pass(&self.decoder, &self.tokenizer, &kv, &ar, num_steps)?;
-        Ok((ar, refined))
+        observer.stage_done(Stage::VisualDecode);
+        let mut logits = ar.clone();
+        for _ in 0..opts.refine_iters {
+            logits = refine_pass(&self.decoder, &self.tokenizer, &kv, &logits, num_steps)?;
+            observer.stage_done(Stage::Refine);
+        }
+        Ok(Output {
+            num_ar_steps: ar.dim(1)?,
+            memory,
+            vis_logits: ar,
+            final_logits: logits,
+        })
     }
 
     /// `tokenizer.decode` of every row of refined logits `[B, L, C]`: raw text, kept probabilities, EOS.

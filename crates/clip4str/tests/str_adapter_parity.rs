@@ -208,3 +208,55 @@ fn ladder_pruning_side_network_is_derived_from_clip_exactly() {
     // ln_post (2) + proj + 2 blocks x 12 tensors.
     assert_eq!(checked, 27);
 }
+
+/// A complete STRAdapter file (CLIP and the adapter's tensors, hyper-parameters in the safetensors metadata)
+/// loads through the family dispatch like any checkpoint and reads the fixture images as the reference does:
+/// raw strings, the charset_test strings and confidences.
+#[test]
+fn a_complete_file_reads_through_the_recognizer() {
+    use clip4str::checkpoint::{save_safetensors, HYPER_PARAMETERS_METADATA_KEY};
+    use clip4str::recognizer::{Recognizer, RecognizerOptions};
+    let fx = fixture();
+    let dir = common::temp_dir("str_adapter_files");
+    for kind in [AdapterType::Linear, AdapterType::LadderPruning] {
+        let mut tensors: Vec<(String, Tensor)> =
+            candle_core::safetensors::load(fixtures().join("tiny.safetensors"), &Device::Cpu)
+                .expect("tiny")
+                .into_iter()
+                .filter(|(n, _)| n.starts_with("clip_model."))
+                .collect();
+        tensors.extend(
+            candle_core::safetensors::load(
+                fixtures().join(format!("peft/{}.safetensors", kind.name())),
+                &Device::Cpu,
+            )
+            .expect("type weights"),
+        );
+        let hparams = fx.peft["types"][kind.name()]["hyper_parameters"].to_string();
+        let metadata = HashMap::from([(HYPER_PARAMETERS_METADATA_KEY.to_string(), hparams)]);
+        let path = dir.join(format!("{}.safetensors", kind.name()));
+        save_safetensors(&path, &tensors, &metadata).expect("save");
+        let opts = RecognizerOptions {
+            filter_output: true,
+            ..RecognizerOptions::default()
+        };
+        let rec = Recognizer::from_checkpoint(&path, None, opts)
+            .unwrap_or_else(|e| panic!("{}: {e}", kind.name()));
+        assert_eq!(rec.model().family().name(), "STRAdapter");
+        let cases = fx.infer["cases"].as_object().expect("cases");
+        for (case, _) in cases {
+            let preds = rec
+                .recognize_batch(&fx.tensors[&format!("{case}/input")])
+                .expect("read");
+            let want = &fx.infer["types"][kind.name()]["cases"][case]["decoded"][0];
+            assert_eq!(preds[0].raw, want["pred_raw"].as_str().unwrap(), "{case}");
+            assert_eq!(
+                preds[0].text,
+                want["pred_charset_test"].as_str().unwrap(),
+                "{case}"
+            );
+            let conf = want["confidence"].as_f64().unwrap() as f32;
+            assert!((preds[0].confidence - conf).abs() <= 1e-5, "{case}");
+        }
+    }
+}

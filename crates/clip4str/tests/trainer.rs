@@ -113,7 +113,9 @@ fn short_run_saves_loads_and_resumes() {
         RecognizerOptions::default(),
     )
     .unwrap();
-    let clip4str::ModelConfig::Clip4Str(cfg) = rec.model().config();
+    let clip4str::ModelConfig::Clip4Str(cfg) = rec.model().config() else {
+        panic!("a CLIP4STR model");
+    };
     assert_eq!(cfg.vision.image_size, [16, 32]);
     assert_eq!(cfg.decoder.heads, 2);
 

@@ -206,14 +206,21 @@ fn run_download(args: DownloadArgs) -> anyhow::Result<ExitCode> {
     }
     let raw = hub::read_cached_checkpoint(&fetched.path)
         .with_context(|| format!("checking model {:?}", entry.name))?;
-    let ModelConfig::Clip4Str(cfg) = identify(&raw, None)
+    let config = identify(&raw, None)
         .with_context(|| {
             format!(
-                "{} is a checkpoint but not a CLIP4STR model this build can load",
+                "{} is a checkpoint but not a model this build can load",
                 fetched.path.display()
             )
         })?
         .config;
+    let ModelConfig::Clip4Str(cfg) = config else {
+        anyhow::bail!(
+            "{} is a {} checkpoint; the model list names CLIP4STR files only",
+            fetched.path.display(),
+            config.family().name()
+        );
+    };
     eprintln!(
         "{}: {:?}, {} tensors; image encoder {}x{} (patch {}x{}), text encoder {}x{}, decoder {}",
         entry.name,
