@@ -148,10 +148,16 @@ pub fn identify(
                 .hyper_parameters
                 .clone()
                 .unwrap_or_else(|| serde_json::json!({}));
+            // Its keys at the top or in a `hyper_parameters` section (the layout of tiny_config.json).
             if let (Some(h), Some(serde_json::Value::Object(o))) =
                 (hparams.as_object_mut(), config_override)
             {
-                h.extend(o.clone());
+                let section = o.get("hyper_parameters").and_then(|v| v.as_object());
+                let top = o.iter().filter(|(k, _)| k.as_str() != "hyper_parameters");
+                h.extend(
+                    top.chain(section.into_iter().flatten())
+                        .map(|(k, v)| (k.clone(), v.clone())),
+                );
             }
             ModelConfig::StrAdapter(
                 StrAdapterConfig::from_tensors(&raw.shapes(), Some(&hparams))

@@ -240,8 +240,25 @@ fn a_complete_file_reads_through_the_recognizer() {
             filter_output: true,
             ..RecognizerOptions::default()
         };
-        let rec = Recognizer::from_checkpoint(&path, None, opts)
+        let rec = Recognizer::from_checkpoint(&path, None, opts.clone())
             .unwrap_or_else(|e| panic!("{}: {e}", kind.name()));
+        // Without hyper-parameters the head count is unknown (the default 12 does not divide 32): an error
+        // naming the file, until a --config gives what the shapes cannot tell.
+        let bare = dir.join(format!("{}-bare.safetensors", kind.name()));
+        save_safetensors(&bare, &tensors, &HashMap::new()).expect("save");
+        let err = Recognizer::from_checkpoint(&bare, None, opts.clone()).unwrap_err();
+        assert!(
+            err.to_string().contains("bare.safetensors") && err.to_string().contains("heads"),
+            "{err}"
+        );
+        let hp = &fx.peft["types"][kind.name()]["hyper_parameters"];
+        let config = serde_json::json!({"hyper_parameters": {
+            "dec_num_heads": hp["dec_num_heads"],
+            "block_ids": hp["block_ids"],
+            "prune_reduction": hp["prune_reduction"],
+            "img_size": hp["img_size"],
+        }});
+        Recognizer::from_checkpoint(&bare, Some(&config), opts.clone()).expect("with --config");
         assert_eq!(rec.model().family().name(), "STRAdapter");
         let cases = fx.infer["cases"].as_object().expect("cases");
         for (case, _) in cases {
