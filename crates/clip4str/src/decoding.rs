@@ -54,6 +54,15 @@ fn shift_with_bos(ids: &[Vec<u32>], bos: u32, t: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// The AR context before decoding: `num_steps` ids per row, BOS then PAD.
+pub fn start_rows(tokenizer: &CharsetTokenizer, batch: usize, num_steps: usize) -> Vec<Vec<u32>> {
+    let mut row = vec![tokenizer.pad_id(); num_steps];
+    if let Some(first) = row.first_mut() {
+        *first = tokenizer.bos_id();
+    }
+    vec![row; batch]
+}
+
 /// Greedy AR decoding with one query per step; returns the logits `[B, T, C]` and the context ids.
 ///
 /// With `early_stop`, stops once every sample has produced an EOS (batch-wide, like the reference).

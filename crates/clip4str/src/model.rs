@@ -14,7 +14,7 @@ use crate::clip::text::TextTransformer;
 use crate::clip::vision::VisionTransformer;
 use crate::config::Clip4StrConfig;
 use crate::decoder::{Decoder, MemoryKv};
-use crate::decoding::{argmax_ids, decode_ar, ids_tensor, refine_pass};
+use crate::decoding::{argmax_ids, decode_ar, ids_tensor, refine_pass, start_rows};
 use crate::nn::Mode;
 
 /// The whole CLIP4STR network; field names follow the state-dict prefixes.
@@ -337,15 +337,8 @@ impl Clip4Str {
         testing: bool,
     ) -> Result<VisualPass> {
         let _span = tracing::debug_span!("visual_decode").entered();
-        let (bos, pad) = (self.tokenizer.bos_id(), self.tokenizer.pad_id());
         let kv = self.visual_decoder.memory_kv(memory)?;
-        let mut tgt: Vec<Vec<u32>> = (0..memory.dim(0)?)
-            .map(|_| {
-                let mut row = vec![pad; num_steps];
-                row[0] = bos;
-                row
-            })
-            .collect();
+        let mut tgt = start_rows(&self.tokenizer, memory.dim(0)?, num_steps);
         let logits = decode_ar(
             &self.visual_decoder,
             &self.tokenizer,

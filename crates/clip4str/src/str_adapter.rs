@@ -16,7 +16,7 @@ use crate::config::{
     clip_heads, count_blocks, tensor_dim, ClipShapes, ConfigError, DecoderConfig, VisionConfig,
 };
 use crate::decoder::Decoder;
-use crate::decoding::{decode_ar, refine_pass};
+use crate::decoding::{decode_ar, refine_pass, start_rows};
 use crate::family::Output;
 use crate::model::{ForwardOptions, Stage, StageObserver};
 use crate::nn::{LayerNorm, Linear, Mode};
@@ -527,14 +527,7 @@ impl StrAdapter {
         let testing = opts.max_length.is_none();
         let max_len = self.cfg.max_label_length;
         let num_steps = opts.max_length.map_or(max_len, |l| l.min(max_len)) + 1;
-        let (bos, pad) = (self.tokenizer.bos_id(), self.tokenizer.pad_id());
-        let mut tgt: Vec<Vec<u32>> = (0..memory.dim(0)?)
-            .map(|_| {
-                let mut row = vec![pad; num_steps];
-                row[0] = bos;
-                row
-            })
-            .collect();
+        let mut tgt = start_rows(&self.tokenizer, memory.dim(0)?, num_steps);
         let kv = self.decoder.memory_kv(&memory)?;
         let ar = decode_ar(
             &self.decoder,
