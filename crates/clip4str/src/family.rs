@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::charset::{CharsetAdapter, CharsetTokenizer};
 use crate::checkpoint::{check_tensors, LoadError, RawCheckpoint};
 use crate::config::Clip4StrConfig;
-use crate::model::{Clip4Str, ForwardOptions, StageObserver, Trace};
+use crate::model::{Clip4Str, ForwardOptions, Output, StageObserver};
 use crate::nn::Mode;
 use crate::str_adapter::{StrAdapter, StrAdapterConfig};
 
@@ -192,30 +192,6 @@ pub enum Model {
     Clip4Str(Clip4Str),
     /// STRAdapter.
     StrAdapter(StrAdapter),
-}
-
-/// What every family's forward pass gives: the image tokens the decoder read, the AR logits, and the output.
-#[derive(Debug, Clone)]
-pub struct Output {
-    /// Image tokens `[B, S, E]` (after the adapter, for STRAdapter).
-    pub memory: Tensor,
-    /// AR steps actually run (`T`).
-    pub num_ar_steps: usize,
-    /// The (visual) decoder's AR logits `[B, T, C]`.
-    pub vis_logits: Tensor,
-    /// The output logits `[B, num_steps, C]`: CLIP4STR's refined cross-modal logits, STRAdapter's refined ones.
-    pub final_logits: Tensor,
-}
-
-impl From<Trace> for Output {
-    fn from(t: Trace) -> Self {
-        Self {
-            memory: t.memory,
-            num_ar_steps: t.num_ar_steps,
-            vis_logits: t.vis_logits,
-            final_logits: t.final_logits,
-        }
-    }
 }
 
 impl From<Clip4Str> for Model {

@@ -66,7 +66,7 @@ pub use checkpoint::{read_checkpoint, CheckpointFormat, LoadError, RawCheckpoint
 pub use config::{Clip4StrConfig, ConfigError, DecoderConfig, TextConfig, VisionConfig};
 pub use data::{open_dataset, DataError, Dataset};
 pub use family::{identify, Model, ModelConfig, ModelFamily};
-pub use model::{Clip4Str, ForwardOptions, Stage, StageObserver, Trace};
+pub use model::{Clip4Str, ForwardOptions, Output, Stage, StageObserver, Trace};
 pub use nn::{Mode, Precision};
 pub use preprocess::{decode_rgb, ImageError, Normalization};
 pub use recognizer::{Prediction, Recognizer, RecognizerError, RecognizerOptions};

@@ -95,6 +95,30 @@ pub struct Trace {
     pub final_logits: Tensor,
 }
 
+/// What every family's forward pass gives: the image tokens the decoder read, the AR logits, and the output.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// Image tokens `[B, S, E]` (after the adapter, for STRAdapter).
+    pub memory: Tensor,
+    /// AR steps actually run (`T`).
+    pub num_ar_steps: usize,
+    /// The (visual) decoder's AR logits `[B, T, C]`.
+    pub vis_logits: Tensor,
+    /// The output logits `[B, num_steps, C]`: CLIP4STR's refined cross-modal logits, STRAdapter's refined ones.
+    pub final_logits: Tensor,
+}
+
+impl From<Trace> for Output {
+    fn from(t: Trace) -> Self {
+        Self {
+            memory: t.memory,
+            num_ar_steps: t.num_ar_steps,
+            vis_logits: t.vis_logits,
+            final_logits: t.final_logits,
+        }
+    }
+}
+
 /// The stages of a forward pass (SPEC §8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Stage {

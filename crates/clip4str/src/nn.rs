@@ -99,7 +99,7 @@ pub fn bf16_native_supported() -> bool {
 /// Whether clip4str's kernels may use this CPU's AVX-512 (`CLIP4STR_NO_AVX512=1` turns it off, to measure
 /// what a CPU with AVX2 alone gets).
 pub fn avx512_allowed() -> bool {
-    packed::avx512_allowed()
+    rows::avx512_allowed()
 }
 
 /// Whether this CPU runs the pre-packed f32 linear kernel (AVX-512F, or AVX2 with FMA); elsewhere linear

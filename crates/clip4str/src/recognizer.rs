@@ -8,8 +8,8 @@ use rayon::prelude::*;
 
 use crate::charset::{CharsetAdapter, Decoded};
 use crate::checkpoint::{read_checkpoint, LoadError, RawCheckpoint};
-use crate::family::{identify, Model, Output};
-use crate::model::{ForwardOptions, StageObserver};
+use crate::family::{identify, Model};
+use crate::model::{ForwardOptions, Output, StageObserver};
 use crate::nn::Mode;
 pub use crate::nn::Precision;
 use crate::preprocess::{resize_bicubic, to_chw, Normalization};

@@ -17,8 +17,7 @@ use crate::config::{
 };
 use crate::decoder::Decoder;
 use crate::decoding::{decode_ar, refine_pass, start_rows};
-use crate::family::Output;
-use crate::model::{ForwardOptions, Stage, StageObserver};
+use crate::model::{ForwardOptions, Output, Stage, StageObserver};
 use crate::nn::{LayerNorm, Linear, Mode};
 
 /// Which adapter sits between the frozen encoder and the decoder (`adapter_type` of the reference).

@@ -9,20 +9,9 @@
 
 use std::sync::OnceLock;
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::rows::{contiguous, for_each_row, PARALLEL_GRAIN};
-
-/// The one gate of every kernel: all inputs are f32 CPU tensors outside any autograd graph.
-///
-/// `track_op` is true for `Var`s and everything computed from them, so training never gets here.
-pub(crate) fn inference_only(tensors: &[&Tensor]) -> bool {
-    tensors
-        .iter()
-        .all(|t| !t.track_op() && t.dtype() == DType::F32 && t.device().is_cpu())
-}
+use super::rows::{avx512_allowed, contiguous, for_each_row, inference_only, PARALLEL_GRAIN};
 
 /// `softmax(x * scale + mask)` over the last dimension; `mask` is additive and broadcastable to `x`.
 ///
@@ -170,7 +159,7 @@ impl Isa {
         *BEST.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
             {
-                if super::packed::avx512_allowed() && is_x86_feature_detected!("avx512f") {
+                if avx512_allowed() && is_x86_feature_detected!("avx512f") {
                     return Isa::Avx512;
                 }
                 if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
@@ -842,6 +831,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::nn::{attention_softmax_composite, quick_gelu_composite, LayerNorm};
+    use candle_core::DType;
     use candle_core::{Device, Var};
     use candle_nn::VarBuilder;
     use rand::{Rng, SeedableRng};

@@ -20,7 +20,7 @@ use std::sync::OnceLock;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::rows::SendPtr;
+use super::rows::{avx512_allowed, inference_only, SendPtr};
 
 /// Output columns of one packed panel: two 16-lane f32 accumulators per row.
 const PANEL: usize = 32;
@@ -28,13 +28,6 @@ const PANEL: usize = 32;
 const ROWS: usize = 8;
 /// Rows handed to one rayon task (a slice of activations that stays in L2 while its panels stream by).
 const ROW_CHUNK: usize = 128;
-
-/// Whether clip4str's kernels may use AVX-512 at all: `CLIP4STR_NO_AVX512=1` makes an AVX-512 CPU run the
-/// AVX2 paths (to measure, on one machine, what a CPU without AVX-512 gets).
-pub fn avx512_allowed() -> bool {
-    static ALLOWED: OnceLock<bool> = OnceLock::new();
-    *ALLOWED.get_or_init(|| std::env::var_os("CLIP4STR_NO_AVX512").is_none_or(|v| v != "1"))
-}
 
 /// The instructions of the packed f32 kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,7 +144,7 @@ fn weight_and_bias(
 /// Applies the packed product `op` to `x [.., K]` as `[rows, K]` and restores the leading dims with `n`
 /// features; `None` when `x` is not an f32 CPU tensor outside an autograd graph.
 fn forward_rows(x: &Tensor, k: usize, n: usize, op: &impl CustomOp1) -> Result<Option<Tensor>> {
-    if !super::fused::inference_only(&[x]) {
+    if !inference_only(&[x]) {
         return Ok(None);
     }
     let dims = x.dims();

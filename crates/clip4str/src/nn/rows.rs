@@ -2,7 +2,9 @@
 //! linear layers ([`super::packed`]) share: row-parallel iteration and access to contiguous f32 storage. It
 //! sits below all three, so none has to import another's internals.
 
-use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
+use std::sync::OnceLock;
+
+use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Elements below which a kernel stays on the calling thread, and the least work per rayon task.
@@ -60,4 +62,20 @@ pub(super) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result
         candle_core::bail!("{op}: expected a CPU tensor");
     };
     f(contiguous(cpu, layout, op)?)
+}
+
+/// Whether clip4str's kernels may use AVX-512 at all: `CLIP4STR_NO_AVX512=1` makes an AVX-512 CPU run the
+/// AVX2 paths (to measure, on one machine, what a CPU without AVX-512 gets).
+pub(crate) fn avx512_allowed() -> bool {
+    static ALLOWED: OnceLock<bool> = OnceLock::new();
+    *ALLOWED.get_or_init(|| std::env::var_os("CLIP4STR_NO_AVX512").is_none_or(|v| v != "1"))
+}
+
+/// The one gate of every kernel: all inputs are f32 CPU tensors outside any autograd graph.
+///
+/// `track_op` is true for `Var`s and everything computed from them, so training never gets here.
+pub(crate) fn inference_only(tensors: &[&Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| !t.track_op() && t.dtype() == DType::F32 && t.device().is_cpu())
 }
