@@ -358,20 +358,25 @@ struct Ladder {
 const LADDER_T: f64 = 0.1;
 
 impl Ladder {
-    /// The gates `W`, one per side block.
-    fn gates(&self) -> Result<Vec<f64>> {
-        candle_nn::ops::sigmoid(&(&self.alpha / LADDER_T)?)?
-            .to_dtype(candle_core::DType::F64)?
-            .to_vec1::<f64>()
+    /// The gates `W = sigmoid(alpha / T)` `[K]`, in the graph (alpha trains).
+    fn gates(&self) -> Result<Tensor> {
+        let x = (&self.alpha / LADDER_T)?;
+        // 1 / (1 + exp(-x)), written out so that its gradient is candle's.
+        (x.neg()?.exp()? + 1.0)?.recip()
+    }
+
+    /// `w[k] * a + (1 - w[k]) * b` for the gate `k` of `w [K]`.
+    fn mix(w: &Tensor, k: usize, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let wk = w.narrow(0, k, 1)?.to_dtype(a.dtype())?;
+        a.broadcast_mul(&wk)? + b.broadcast_mul(&(wk.neg()? + 1.0)?)?
     }
 
     /// The side network's output `ln_post(x) @ proj` before the final gate, from the CLIP block inputs `h`.
     fn side_output(&self, h: &[Tensor]) -> Result<Tensor> {
         let w = self.gates()?;
         let mut x = self.blocks[0].forward(&h[0])?;
-        for k in 1..self.blocks.len() {
-            let mixed = ((&h[k] * w[k])? + (x * (1.0 - w[k]))?)?;
-            x = self.blocks[k].forward(&mixed)?;
+        for (k, (block, h)) in self.blocks.iter().zip(h).enumerate().skip(1) {
+            x = block.forward(&Self::mix(&w, k, h, &x)?)?;
         }
         VisionTransformer::project(&self.ln_post, &self.proj, &x)
     }
@@ -489,8 +494,7 @@ impl StrAdapter {
                     .forward_with_block_inputs(&images, &self.cfg.block_ids)?;
                 let h: Vec<Tensor> = h.iter().map(Tensor::detach).collect();
                 let x = ladder.side_output(&h)?;
-                let w0 = ladder.gates()?[0];
-                (m.detach() * w0)? + (x * (1.0 - w0))?
+                Ladder::mix(&ladder.gates()?, 0, &m.detach(), &x)
             }
         }
     }

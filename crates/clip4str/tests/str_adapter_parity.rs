@@ -277,3 +277,132 @@ fn a_complete_file_reads_through_the_recognizer() {
         }
     }
 }
+
+/// One training step of every adapter type against the reference (fixtures/peft/peft_train, dropout off, fixed
+/// permutations): the memory after the adapter, each permutation's logits and target count, the loss, the
+/// gradient of every trainable tensor, the total gradient norm and the clip coefficient.
+#[cfg(feature = "train")]
+#[test]
+fn one_training_step_matches_the_reference() {
+    use candle_core::Var;
+    use clip4str::train::{clip_grad_norm, str_adapter_loss};
+    let fx = fixture();
+    let train = candle_core::safetensors::load(
+        fixtures().join("peft/peft_train.safetensors"),
+        &Device::Cpu,
+    )
+    .expect("peft_train");
+    let meta = load_json("peft_train.json");
+    let labels: Vec<String> = meta["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_string())
+        .collect();
+    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+    let perms: Vec<Vec<usize>> = meta["perms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            p.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as usize)
+                .collect()
+        })
+        .collect();
+    let images = &train["train/images"];
+    for kind in AdapterType::ALL {
+        let name = kind.name();
+        let want = &meta["types"][name];
+        // Every non-CLIP tensor as a Var (the trainable ones), CLIP as constants.
+        let mut weights =
+            candle_core::safetensors::load(fixtures().join("tiny.safetensors"), &Device::Cpu)
+                .expect("tiny");
+        weights.retain(|n, _| n.starts_with("clip_model."));
+        let own = candle_core::safetensors::load(
+            fixtures().join(format!("peft/{name}.safetensors")),
+            &Device::Cpu,
+        )
+        .expect("type weights");
+        let vars: Vec<(String, Var)> = own
+            .into_iter()
+            .map(|(n, t)| (n, Var::from_tensor(&t).expect("var")))
+            .collect();
+        for (n, v) in &vars {
+            weights.insert(n.clone(), v.as_tensor().clone());
+        }
+        let shapes: Vec<(String, Vec<usize>)> = weights
+            .iter()
+            .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+            .collect();
+        let cfg = StrAdapterConfig::from_tensors(
+            &shapes,
+            Some(&fx.peft["types"][name]["hyper_parameters"]),
+        )
+        .expect("config");
+        let model = StrAdapter::new(
+            &cfg,
+            VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+        )
+        .expect("model");
+        let out = str_adapter_loss(&model, images, &labels, &perms, false).expect("loss");
+        let d = max_abs_diff(&out.memory, &train[&format!("{name}/memory")]);
+        assert!(d < 1e-4, "{name} memory off by {d}");
+        for (i, ((n, ce, logits), want_perm)) in out
+            .perms
+            .iter()
+            .zip(want["per_perm"].as_array().unwrap())
+            .enumerate()
+        {
+            assert_eq!(
+                *n as u64,
+                want_perm["n"].as_u64().unwrap(),
+                "{name} perm {i}"
+            );
+            let want_ce = want_perm["ce"].as_f64().unwrap() as f32;
+            assert!(
+                (ce - want_ce).abs() < 1e-4 * want_ce.abs().max(1.0),
+                "{name} perm {i} CE"
+            );
+            let d = max_abs_diff(logits, &train[&format!("{name}/perm{i}/logits")]);
+            assert!(d < 1e-4, "{name} perm {i} logits off by {d}");
+        }
+        let loss: f32 = out.loss.to_scalar().unwrap();
+        let want_loss = want["loss"].as_f64().unwrap() as f32;
+        assert!(
+            ((loss - want_loss) / want_loss).abs() < 1e-5,
+            "{name}: {loss} vs {want_loss}"
+        );
+        let mut grads = out.loss.backward().expect("backward");
+        let mut worst = 0f32;
+        for (n, v) in &vars {
+            let want = &train[&format!("{name}/grad/{n}")];
+            let got = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient for {n}"));
+            let err = max_abs_diff(got, want) / common::max_abs(want).max(1e-12);
+            assert!(
+                err < 1e-4,
+                "{name}: gradient of {n}, relative error {err:.2e}"
+            );
+            worst = worst.max(err);
+        }
+        let norm = clip_grad_norm(&mut grads, vars.iter().map(|(_, v)| v), 20.0).expect("clip");
+        let want_norm = want["grad_total_norm_before_clip"].as_f64().unwrap();
+        assert!(
+            (norm.total_norm - want_norm).abs() < 1e-5 * want_norm,
+            "{name} norm"
+        );
+        let want_coef = want["clip_coef"].as_f64().unwrap();
+        assert!(
+            (norm.clip_coef - want_coef).abs() < 1e-5,
+            "{name} clip coef"
+        );
+        eprintln!(
+            "{name:>15}: loss {loss} (reference {want_loss}), worst gradient error {worst:.2e}, norm {:.5}",
+            norm.total_norm
+        );
+    }
+}

@@ -8,6 +8,7 @@ use super::TrainError;
 use crate::charset::CharsetAdapter;
 use crate::decoder::DecoderMasks;
 use crate::model::Clip4Str;
+use crate::str_adapter::StrAdapter;
 
 /// Switches of the training step that the reference exposes as hyper-parameters.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,6 +118,145 @@ fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Result<Tensor, TrainError> 
     Ok(Tensor::from_vec(flat, (b, l), device)?)
 }
 
+/// A batch's targets as every family's permutation loss uses them (SPEC §12.1).
+struct Targets {
+    /// `[B][L+2]`: BOS, characters, EOS, PAD.
+    tgt: Vec<Vec<u32>>,
+    /// The decoder's context `tgt[:, :-1]`, `[B, L+1]`.
+    tgt_in: Tensor,
+    /// The targets `tgt[:, 1:]`.
+    tgt_out: Vec<Vec<u32>>,
+    /// Additive key-padding mask `[B, 1, 1, L+1]`: -inf where the context is PAD or EOS.
+    padding: Tensor,
+    /// `L + 1`, the number of positions decoded.
+    len: usize,
+}
+
+impl Targets {
+    /// Encodes `labels` and checks that every permutation fits them.
+    fn new(
+        tok: &crate::charset::CharsetTokenizer,
+        labels: &[&str],
+        perms: &[Vec<usize>],
+        device: &Device,
+    ) -> Result<Self, TrainError> {
+        let (pad, eos) = (tok.pad_id(), tok.eos_id());
+        let tgt = tok.encode_batch(labels)?;
+        let width = tgt.first().map(Vec::len).ok_or(TrainError::EmptyBatch)?;
+        if perms.is_empty() {
+            return Err(TrainError::InvalidPermutation {
+                perm: Vec::new(),
+                reason: "no permutations given".into(),
+            });
+        }
+        if let Some(p) = perms.iter().find(|p| p.len() != width) {
+            return Err(TrainError::InvalidPermutation {
+                perm: p.clone(),
+                reason: format!("length {}, the targets need {width}", p.len()),
+            });
+        }
+        let (b, l) = (tgt.len(), width - 1);
+        let tgt_in_rows: Vec<Vec<u32>> = tgt.iter().map(|r| r[..l].to_vec()).collect();
+        let tgt_out = tgt.iter().map(|r| r[1..].to_vec()).collect();
+        let padding: Vec<f32> = tgt_in_rows
+            .iter()
+            .flatten()
+            .map(|&id| {
+                if id == pad || id == eos {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Ok(Self {
+            tgt_in: ids_tensor(&tgt_in_rows, device)?,
+            padding: Tensor::from_vec(padding, (b, 1, 1, l), device)?,
+            tgt,
+            tgt_out,
+            len: l,
+        })
+    }
+
+    /// After the first two permutations EOS targets are ignored (SPEC §18.14).
+    fn after_perm(&mut self, i: usize, eos: u32, pad: u32) {
+        if i == 1 {
+            for id in self.tgt_out.iter_mut().flatten() {
+                if *id == eos {
+                    *id = pad;
+                }
+            }
+        }
+    }
+}
+
+/// One STRAdapter training step's loss (SPEC §16: the permutation loss of its single decoder).
+#[derive(Debug, Clone)]
+pub struct AdapterLoss {
+    /// Scalar `Σ n_i CE_i / Σ n_i`, attached to the graph (the adapter and the decoder; CLIP is frozen).
+    pub loss: Tensor,
+    /// Memory after the adapter `[B, S, E]`.
+    pub memory: Tensor,
+    /// Per permutation: counted targets, mean CE, logits `[B, L+1, C]` (detached).
+    pub perms: Vec<(usize, f32, Tensor)>,
+}
+
+/// The training loss of an STRAdapter batch for the given permutations; `dropout` on in training.
+pub fn str_adapter_loss(
+    model: &StrAdapter,
+    images: &Tensor,
+    labels: &[&str],
+    perms: &[Vec<usize>],
+    dropout: bool,
+) -> Result<AdapterLoss, TrainError> {
+    let device = images.device().clone();
+    let tok = &model.tokenizer;
+    let (pad, eos) = (tok.pad_id(), tok.eos_id());
+    let mut targets = Targets::new(tok, labels, perms, &device)?;
+    let memory = model.encode(images)?;
+    let dtype = memory.dtype();
+    let kv = model.decoder.memory_kv(&memory)?;
+    let queries = model.decoder.queries(targets.tgt.len(), 0, targets.len)?;
+    let padding = targets.padding.to_dtype(dtype)?;
+    let mut total: Option<Tensor> = None;
+    let mut numel = 0usize;
+    let mut details = Vec::with_capacity(perms.len());
+    for (i, perm) in perms.iter().enumerate() {
+        let (content_mask, query_mask) = generate_attn_masks(perm, &device)?;
+        let (content_mask, query_mask) =
+            (content_mask.to_dtype(dtype)?, query_mask.to_dtype(dtype)?);
+        let masks = DecoderMasks {
+            query: Some(&query_mask),
+            content: Some(&content_mask),
+            padding: Some(&padding),
+        };
+        let logits = model
+            .decoder
+            .forward(&targets.tgt_in, &kv, &queries, &masks, dropout)?;
+        let (ce, n) = cross_entropy(&logits, &targets.tgt_out, pad)?;
+        let term = (&ce * n as f64)?;
+        total = Some(match total {
+            Some(acc) => (acc + term)?,
+            None => term,
+        });
+        numel += n;
+        let ce_value = ce.to_dtype(candle_core::DType::F32)?.to_scalar()?;
+        details.push((n, ce_value, logits.detach()));
+        targets.after_perm(i, eos, pad);
+    }
+    let total = total.ok_or(TrainError::EmptyBatch)?;
+    let loss = if numel > 0 {
+        (total / numel as f64)?
+    } else {
+        total
+    };
+    Ok(AdapterLoss {
+        loss,
+        memory,
+        perms: details,
+    })
+}
+
 /// The training loss of one batch (SPEC §12.1) for the given permutations.
 ///
 /// `labels` must only hold training-charset characters (filtered like the data pipeline does); every
@@ -134,22 +274,8 @@ pub fn training_loss(
     let device = images.device().clone();
     let tok = &model.tokenizer;
     let (pad, eos) = (tok.pad_id(), tok.eos_id());
-    let tgt = tok.encode_batch(labels)?;
-    let width = tgt.first().map(Vec::len).ok_or(TrainError::EmptyBatch)?;
-    if perms.is_empty() {
-        return Err(TrainError::InvalidPermutation {
-            perm: Vec::new(),
-            reason: "no permutations given".into(),
-        });
-    }
-    if let Some(p) = perms.iter().find(|p| p.len() != width) {
-        return Err(TrainError::InvalidPermutation {
-            perm: p.clone(),
-            reason: format!("length {}, the targets need {width}", p.len()),
-        });
-    }
-    let b = tgt.len();
-    let l = width - 1;
+    let mut targets = Targets::new(tok, labels, perms, &device)?;
+    let (b, l) = (targets.tgt.len(), targets.len);
 
     let memory = model.encode(images)?; // [B, S, E]
     let dtype = memory.dtype();
@@ -159,22 +285,7 @@ pub fn training_loss(
     } else {
         memory.clone()
     };
-
-    let tgt_in_rows: Vec<Vec<u32>> = tgt.iter().map(|r| r[..l].to_vec()).collect();
-    let mut tgt_out: Vec<Vec<u32>> = tgt.iter().map(|r| r[1..].to_vec()).collect();
-    let tgt_in = ids_tensor(&tgt_in_rows, &device)?; // [B, L+1]
-    let padding: Vec<f32> = tgt_in_rows
-        .iter()
-        .flatten()
-        .map(|&id| {
-            if id == pad || id == eos {
-                f32::NEG_INFINITY
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let padding = Tensor::from_vec(padding, (b, 1, 1, l), &device)?.to_dtype(dtype)?;
+    let padding = targets.padding.to_dtype(dtype)?;
     let vis_queries = model.visual_decoder.queries(b, 0, l)?;
     let cross_queries = model.cross_decoder.queries(b, 0, l)?;
     let adapter = CharsetAdapter::new(&model.config().charset_test);
@@ -192,11 +303,14 @@ pub fn training_loss(
             content: Some(&content_mask),
             padding: Some(&padding),
         };
-        let visual_logits =
-            model
-                .visual_decoder
-                .forward(&tgt_in, &vis_kv, &vis_queries, &masks, opts.dropout)?;
-        let (visual_ce, n) = cross_entropy(&visual_logits, &tgt_out, pad)?;
+        let visual_logits = model.visual_decoder.forward(
+            &targets.tgt_in,
+            &vis_kv,
+            &vis_queries,
+            &masks,
+            opts.dropout,
+        )?;
+        let (visual_ce, n) = cross_entropy(&visual_logits, &targets.tgt_out, pad)?;
 
         // Cross-modal branch: captions of this permutation's visual prediction, ground-truth context.
         let visual_detached = visual_logits.detach();
@@ -205,13 +319,13 @@ pub fn training_loss(
         let cross_memory = Tensor::cat(&[&image_for_cross, &text_feats], 1)?;
         let cross_kv = model.cross_decoder.memory_kv(&cross_memory)?;
         let cross_logits = model.cross_decoder.forward(
-            &tgt_in,
+            &targets.tgt_in,
             &cross_kv,
             &cross_queries,
             &masks,
             opts.dropout,
         )?;
-        let (cross_ce, _) = cross_entropy(&cross_logits, &tgt_out, pad)?;
+        let (cross_ce, _) = cross_entropy(&cross_logits, &targets.tgt_out, pad)?;
 
         let term = ((&visual_ce + (&cross_ce * opts.cross_loss_weight)?)? * n as f64)?;
         total = Some(match total {
@@ -229,13 +343,7 @@ pub fn training_loss(
             captions,
             text_ids,
         });
-        if i == 1 {
-            for id in tgt_out.iter_mut().flatten() {
-                if *id == eos {
-                    *id = pad;
-                }
-            }
-        }
+        targets.after_perm(i, eos, pad);
     }
     let total = total.ok_or(TrainError::EmptyBatch)?;
     let loss = if numel > 0 {
@@ -245,7 +353,7 @@ pub fn training_loss(
     };
     Ok(TrainingLoss {
         loss,
-        tgt,
+        tgt: targets.tgt,
         memory,
         perms: details,
     })

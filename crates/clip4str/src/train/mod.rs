@@ -24,7 +24,7 @@ pub use config::{
 // The pieces of a training step that the parity tests check against the reference are public; helpers used
 // only inside a step (CTC and cross-entropy kernels, parameter grouping, the freezing rule) are not exported.
 pub use ctc::{CtcHead, CTC_HEAD_PREFIX};
-pub use loss::{training_loss, LossOptions, PermLoss, TrainingLoss};
+pub use loss::{str_adapter_loss, training_loss, AdapterLoss, LossOptions, PermLoss, TrainingLoss};
 pub use optim::{
     clip_grad_norm, AdamW, AdamWConfig, GradNorm, GroupSettings, OptimizerConfig, ParamGroup,
 };
