@@ -26,7 +26,8 @@ pub use config::{
 pub use ctc::{CtcHead, CTC_HEAD_PREFIX};
 pub use loss::{str_adapter_loss, training_loss, AdapterLoss, LossOptions, PermLoss, TrainingLoss};
 pub use optim::{
-    clip_grad_norm, AdamW, AdamWConfig, GradNorm, GroupSettings, OptimizerConfig, ParamGroup,
+    clip_grad_norm, str_adapter_groups, AdamW, AdamWConfig, GradNorm, GroupSettings,
+    OptimizerConfig, ParamGroup,
 };
 pub use params::ParamStore;
 pub use perms::{gen_tgt_perms, generate_attn_masks};

@@ -56,6 +56,62 @@ pub fn param_group(name: &str, rank: usize) -> ParamGroup {
     }
 }
 
+/// STRAdapter's four AdamW groups (SPEC §16, `configure_optimizers`) over its trainable `params` (adapter,
+/// decoder, `head`, `text_embed`, `pos_queries`; CLIP is in none). The learning rate follows PARSeq's rule,
+/// `agb * sqrt(devices) * batch / 256 * lr`. Only `ladder` and `ladder_pruning` (`encoder_groups`) put the adapter
+/// in groups 0/1 at that rate; the other adapters train in the decoder's groups at `coef_lr` times it.
+pub fn str_adapter_groups(
+    params: &[(String, Var)],
+    cfg: &OptimizerConfig,
+    encoder_groups: bool,
+) -> Vec<(GroupSettings, Vec<(String, Var)>)> {
+    let images = (cfg.accumulate_grad_batches * cfg.batch_size) as f64;
+    let lr = images * (cfg.num_devices as f64).sqrt() / 256.0 * cfg.base_lr;
+    let exclude = |short: &str, rank: usize| {
+        rank < 2
+            || ["bn", "ln", "bias", "logit_scale"]
+                .iter()
+                .any(|p| short.contains(p))
+    };
+    let mut groups: Vec<Vec<(String, Var)>> = vec![Vec::new(); 4];
+    let mut tail: [Vec<(String, Var)>; 2] = [Vec::new(), Vec::new()];
+    let (mut adapter_no_decay, mut adapter_decay) = (Vec::new(), Vec::new());
+    for (name, var) in params {
+        let item = (name.clone(), var.clone());
+        if let Some(short) = name.strip_prefix("decoder.") {
+            let g = if exclude(short, var.rank()) { 2 } else { 3 };
+            groups[g].push(item);
+        } else if let Some(short) = name.strip_prefix("adapter.") {
+            if exclude(short, var.rank()) {
+                adapter_no_decay.push(item);
+            } else {
+                adapter_decay.push(item);
+            }
+        } else if name == "head.weight" {
+            tail[1].push(item);
+        } else {
+            tail[0].push(item);
+        }
+    }
+    let (a, b) = if encoder_groups { (0, 1) } else { (2, 3) };
+    groups[a].extend(adapter_no_decay);
+    groups[b].extend(adapter_decay);
+    let [no_decay, decay] = tail;
+    groups[2].extend(no_decay);
+    groups[3].extend(decay);
+    let settings = [
+        (lr, 0.0),
+        (lr, cfg.weight_decay),
+        (lr * cfg.coef_lr, 0.0),
+        (lr * cfg.coef_lr, cfg.weight_decay * cfg.coef_wd),
+    ];
+    settings
+        .into_iter()
+        .zip(groups)
+        .map(|((lr, weight_decay), members)| (GroupSettings { lr, weight_decay }, members))
+        .collect()
+}
+
 /// Adam's moment coefficients and epsilon.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
@@ -211,6 +267,31 @@ impl AdamW {
             groups,
             adam: cfg.adam,
         }
+    }
+
+    /// Optimizer over explicit groups (settings and members, in order): the families whose grouping differs
+    /// from CLIP4STR's ([`str_adapter_groups`]).
+    pub fn with_groups(
+        groups: Vec<(GroupSettings, Vec<(String, Var)>)>,
+        adam: AdamWConfig,
+    ) -> Self {
+        let groups = groups
+            .into_iter()
+            .map(|(settings, params)| Group {
+                settings,
+                params: params
+                    .into_iter()
+                    .map(|(name, var)| ParamState {
+                        name,
+                        var,
+                        exp_avg: None,
+                        exp_avg_sq: None,
+                        step: 0,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Self { groups, adam }
     }
 
     /// Current settings of every group.
