@@ -627,4 +627,31 @@ fn reads_an_str_adapter_checkpoint_like_the_reference() {
             "{case}: {conf} vs {want_conf}"
         );
     }
+    // `bench` times it too, without the stages this family does not have.
+    let out = clip4str(&[
+        "bench",
+        "--checkpoint",
+        file.to_str().unwrap(),
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--format",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let stages = doc["stages"].to_string();
+    assert!(
+        stages.contains("visual_decode") && stages.contains("refine"),
+        "{stages}"
+    );
+    assert!(
+        !stages.contains("text_encoder") && !stages.contains("cross_decode"),
+        "{stages}"
+    );
 }
