@@ -190,6 +190,34 @@ impl Targets {
     }
 }
 
+/// `Σ n_i CE_i / Σ n_i` over the permutations (each weighted by its counted targets), kept in the graph.
+#[derive(Default)]
+struct PermAverage {
+    total: Option<Tensor>,
+    count: usize,
+}
+
+impl PermAverage {
+    fn add(&mut self, ce: &Tensor, n: usize) -> Result<(), TrainError> {
+        let term = (ce * n as f64)?;
+        self.total = Some(match self.total.take() {
+            Some(acc) => (acc + term)?,
+            None => term,
+        });
+        self.count += n;
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Tensor, TrainError> {
+        let total = self.total.ok_or(TrainError::EmptyBatch)?;
+        Ok(if self.count > 0 {
+            (total / self.count as f64)?
+        } else {
+            total
+        })
+    }
+}
+
 /// One STRAdapter training step's loss (SPEC §16: the permutation loss of its single decoder).
 #[derive(Debug, Clone)]
 pub struct AdapterLoss {
@@ -218,8 +246,7 @@ pub fn str_adapter_loss(
     let kv = model.decoder.memory_kv(&memory)?;
     let queries = model.decoder.queries(targets.tgt.len(), 0, targets.len)?;
     let padding = targets.padding.to_dtype(dtype)?;
-    let mut total: Option<Tensor> = None;
-    let mut numel = 0usize;
+    let mut average = PermAverage::default();
     let mut details = Vec::with_capacity(perms.len());
     for (i, perm) in perms.iter().enumerate() {
         let (content_mask, query_mask) = generate_attn_masks(perm, &device)?;
@@ -234,22 +261,12 @@ pub fn str_adapter_loss(
             .decoder
             .forward(&targets.tgt_in, &kv, &queries, &masks, dropout)?;
         let (ce, n) = cross_entropy(&logits, &targets.tgt_out, pad)?;
-        let term = (&ce * n as f64)?;
-        total = Some(match total {
-            Some(acc) => (acc + term)?,
-            None => term,
-        });
-        numel += n;
+        average.add(&ce, n)?;
         let ce_value = ce.to_dtype(candle_core::DType::F32)?.to_scalar()?;
         details.push((n, ce_value, logits.detach()));
         targets.after_perm(i, eos, pad);
     }
-    let total = total.ok_or(TrainError::EmptyBatch)?;
-    let loss = if numel > 0 {
-        (total / numel as f64)?
-    } else {
-        total
-    };
+    let loss = average.finish()?;
     Ok(AdapterLoss {
         loss,
         memory,
@@ -290,8 +307,7 @@ pub fn training_loss(
     let cross_queries = model.cross_decoder.queries(b, 0, l)?;
     let adapter = CharsetAdapter::new(&model.config().charset_test);
 
-    let mut total: Option<Tensor> = None;
-    let mut numel = 0usize;
+    let mut average = PermAverage::default();
     let mut details = Vec::with_capacity(perms.len());
     for (i, perm) in perms.iter().enumerate() {
         let _span = tracing::debug_span!("train_perm", i).entered();
@@ -327,12 +343,7 @@ pub fn training_loss(
         )?;
         let (cross_ce, _) = cross_entropy(&cross_logits, &targets.tgt_out, pad)?;
 
-        let term = ((&visual_ce + (&cross_ce * opts.cross_loss_weight)?)? * n as f64)?;
-        total = Some(match total {
-            Some(acc) => (acc + term)?,
-            None => term,
-        });
-        numel += n;
+        average.add(&(&visual_ce + (&cross_ce * opts.cross_loss_weight)?)?, n)?;
         details.push(PermLoss {
             perm: perm.clone(),
             n,
@@ -345,12 +356,7 @@ pub fn training_loss(
         });
         targets.after_perm(i, eos, pad);
     }
-    let total = total.ok_or(TrainError::EmptyBatch)?;
-    let loss = if numel > 0 {
-        (total / numel as f64)?
-    } else {
-        total
-    };
+    let loss = average.finish()?;
     Ok(TrainingLoss {
         loss,
         tgt: targets.tgt,
