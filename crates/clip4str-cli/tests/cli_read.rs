@@ -627,6 +627,25 @@ fn reads_an_str_adapter_checkpoint_like_the_reference() {
             "{case}: {conf} vs {want_conf}"
         );
     }
+    // `convert` writes a file that loads alone (the STRAdapter hyper-parameters in its metadata) and reads the
+    // same.
+    let converted = dir.join("converted.safetensors");
+    let out = clip4str(&[
+        "convert",
+        file.to_str().unwrap(),
+        converted.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read_with = |f: &std::path::Path| {
+        let mut args = vec!["read", "--checkpoint", f.to_str().unwrap()];
+        args.extend(images.iter().map(String::as_str));
+        clip4str(&args).stdout
+    };
+    assert_eq!(read_with(&converted), read_with(&file));
     // `bench` times it too, without the stages this family does not have.
     let out = clip4str(&[
         "bench",
