@@ -66,12 +66,13 @@ pub enum ConfigError {
         /// Its width.
         width: usize,
     },
-    /// Heads that do not divide the width.
+    /// An STRAdapter's adapter tensors and hyper-parameters do not fit together.
     #[error("STRAdapter: {reason}")]
     Adapter {
         /// What does not fit.
         reason: String,
     },
+    /// Heads that do not divide the width.
     #[error("{part}: width {width} is not divisible by {heads} heads")]
     IndivisibleHeads {
         /// `vision`, `text` or `decoder`.

@@ -4,7 +4,7 @@
 
 use candle_core::{Device, Result, Tensor, D};
 
-use crate::charset::CharsetTokenizer;
+use crate::charset::{CharsetTokenizer, Decoded};
 use crate::decoder::{ContentCache, Decoder, DecoderMasks, MemoryKv};
 use crate::nn::causal_mask;
 
@@ -138,4 +138,19 @@ pub fn refine_pass(
         &masks,
         false,
     )
+}
+
+/// `tokenizer.decode` of every row of logits `[B, T, C]` (softmax over the classes first): the raw text, the
+/// kept probabilities, whether an EOS ended it.
+pub fn decode_logits(tokenizer: &CharsetTokenizer, logits: &Tensor) -> Result<Vec<Decoded>> {
+    let probs = candle_nn::ops::softmax_last_dim(&logits.to_dtype(candle_core::DType::F32)?)?;
+    let (_, _, c) = probs.dims3()?;
+    Ok(probs
+        .to_vec3::<f32>()?
+        .iter()
+        .map(|sample| {
+            let flat: Vec<f32> = sample.iter().flatten().copied().collect();
+            tokenizer.decode(&flat, c)
+        })
+        .collect())
 }

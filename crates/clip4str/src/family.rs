@@ -142,28 +142,14 @@ pub fn identify(
             )
             .map_err(config_error)?,
         ),
-        ModelFamily::StrAdapter => {
-            // A `--config` JSON fills in what a file without hyper-parameters cannot tell.
-            let mut hparams = raw
-                .hyper_parameters
-                .clone()
-                .unwrap_or_else(|| serde_json::json!({}));
-            // Its keys at the top or in a `hyper_parameters` section (the layout of tiny_config.json).
-            if let (Some(h), Some(serde_json::Value::Object(o))) =
-                (hparams.as_object_mut(), config_override)
-            {
-                let section = o.get("hyper_parameters").and_then(|v| v.as_object());
-                let top = o.iter().filter(|(k, _)| k.as_str() != "hyper_parameters");
-                h.extend(
-                    top.chain(section.into_iter().flatten())
-                        .map(|(k, v)| (k.clone(), v.clone())),
-                );
-            }
-            ModelConfig::StrAdapter(
-                StrAdapterConfig::from_tensors(&raw.shapes(), Some(&hparams))
-                    .map_err(config_error)?,
+        ModelFamily::StrAdapter => ModelConfig::StrAdapter(
+            StrAdapterConfig::from_tensors_with(
+                &raw.shapes(),
+                raw.hyper_parameters.as_ref(),
+                config_override,
             )
-        }
+            .map_err(config_error)?,
+        ),
     };
     let mut expected = config
         .expected_tensors()

@@ -375,19 +375,22 @@ pub fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
     if !(train && p > 0.0) {
         return Ok(x.clone());
     }
-    let mask = dropout_mask(x.shape(), p)?.to_dtype(x.dtype())?;
-    x * mask.to_device(x.device())?
+    x * dropout_mask(x.shape(), p, x.device())?.to_dtype(x.dtype())?
 }
 
-/// The scaled keep-mask of [`dropout`] (`0` or `1 / (1 - p)`, f32 on the CPU): from the installed
-/// [`DropoutStream`] if any, else from candle's thread RNG.
-fn dropout_mask(shape: impl Into<candle_core::Shape>, p: f32) -> Result<Tensor> {
+/// The scaled keep-mask of [`dropout`] (`0` or `1 / (1 - p)`, f32) on `device`: from the installed
+/// [`DropoutStream`] if any, else from candle's RNG.
+fn dropout_mask(
+    shape: impl Into<candle_core::Shape>,
+    p: f32,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
     let shape = shape.into();
     #[cfg(feature = "train")]
-    if let Some(mask) = stream::mask(&shape, p)? {
+    if let Some(mask) = stream::mask(&shape, p, device)? {
         return Ok(mask);
     }
-    let keep = Tensor::rand(0f32, 1f32, &shape, &candle_core::Device::Cpu)?
+    let keep = Tensor::rand(0f32, 1f32, &shape, device)?
         .ge(p as f64)?
         .to_dtype(DType::F32)?;
     keep.affine(1.0 / (1.0 - p as f64), 0.0)
@@ -432,7 +435,11 @@ mod stream {
     }
 
     /// The scaled keep-mask (`0` or `1 / (1 - p)`) of `shape`, when a stream is installed.
-    pub(super) fn mask(shape: &candle_core::Shape, p: f32) -> Result<Option<Tensor>> {
+    pub(super) fn mask(
+        shape: &candle_core::Shape,
+        p: f32,
+        device: &candle_core::Device,
+    ) -> Result<Option<Tensor>> {
         STREAM.with(|s| {
             let mut s = s.borrow_mut();
             let Some(rng) = s.as_mut() else {
@@ -442,7 +449,7 @@ mod stream {
             let values: Vec<f32> = (0..shape.elem_count())
                 .map(|_| if rng.random::<f32>() >= p { keep } else { 0.0 })
                 .collect();
-            Tensor::from_vec(values, shape, &candle_core::Device::Cpu).map(Some)
+            Tensor::from_vec(values, shape, device).map(Some)
         })
     }
 }
@@ -584,7 +591,11 @@ impl MultiheadAttention {
             Kv::Rows(rows) if mask.is_none_or(|m| !m.track_op()) => {
                 let (_, s, _) = rows.dims3()?;
                 let keep = if train && self.dropout > 0.0 {
-                    Some(dropout_mask((b, self.heads, l, s), self.dropout)?)
+                    Some(dropout_mask(
+                        (b, self.heads, l, s),
+                        self.dropout,
+                        rows.device(),
+                    )?)
                 } else {
                     None
                 };

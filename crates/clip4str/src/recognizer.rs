@@ -2,12 +2,13 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use image::RgbImage;
 use rayon::prelude::*;
 
-use crate::charset::{CharsetAdapter, Decoded};
+use crate::charset::CharsetAdapter;
 use crate::checkpoint::{read_checkpoint, LoadError, RawCheckpoint};
+use crate::decoding::decode_logits;
 use crate::family::{identify, Model};
 use crate::model::{ForwardOptions, Output, StageObserver};
 use crate::nn::Mode;
@@ -240,14 +241,9 @@ impl Recognizer {
 
     /// Turns logits `[B, T, C]` into predictions like `tokenizer.decode` (+ the adapter with `filter_output`).
     pub fn decode(&self, logits: &Tensor) -> Result<Vec<Prediction>, RecognizerError> {
-        let probs = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
-        let (_, _, c) = probs.dims3()?;
-        let probs = probs.to_vec3::<f32>()?;
-        Ok(probs
-            .iter()
-            .map(|sample| {
-                let flat: Vec<f32> = sample.iter().flatten().copied().collect();
-                let decoded: Decoded = self.model.tokenizer().decode(&flat, c);
+        Ok(decode_logits(self.model.tokenizer(), logits)?
+            .into_iter()
+            .map(|decoded| {
                 let text = if self.opts.filter_output {
                     self.adapter.apply(&decoded.text)
                 } else {

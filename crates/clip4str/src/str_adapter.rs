@@ -6,10 +6,10 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::charset::{CharsetTokenizer, Decoded, CHARSET_36, CHARSET_94};
+use crate::charset::{CharsetTokenizer, CHARSET_36, CHARSET_94};
 use crate::clip::transformer::ResidualAttentionBlock;
 use crate::clip::vision::VisionTransformer;
 use crate::config::{
@@ -96,6 +96,38 @@ pub struct StrAdapterConfig {
 }
 
 impl StrAdapterConfig {
+    /// [`Self::from_tensors`] with a user override (a `--config` JSON: its keys at the top or in a
+    /// `hyper_parameters` section, the layout of tiny_config.json) laid over the file's hyper-parameters: what a
+    /// file without them cannot tell.
+    pub fn from_tensors_with(
+        shapes: &[(String, Vec<usize>)],
+        hparams: Option<&serde_json::Value>,
+        config_override: Option<&serde_json::Value>,
+    ) -> std::result::Result<Self, ConfigError> {
+        let o = match config_override {
+            None => return Self::from_tensors(shapes, hparams),
+            Some(serde_json::Value::Object(o)) => o,
+            Some(other) => {
+                return Err(ConfigError::WrongType {
+                    key: "(the whole file)".into(),
+                    expected: "a JSON object",
+                    found: other.to_string(),
+                })
+            }
+        };
+        let mut merged = hparams
+            .and_then(|h| h.as_object())
+            .cloned()
+            .unwrap_or_default();
+        let section = o.get("hyper_parameters").and_then(|v| v.as_object());
+        let top = o.iter().filter(|(k, _)| k.as_str() != "hyper_parameters");
+        merged.extend(
+            top.chain(section.into_iter().flatten())
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        Self::from_tensors(shapes, Some(&serde_json::Value::Object(merged)))
+    }
+
     /// Every dimension from state-dict shapes; the head counts, adapter type, `block_ids` and
     /// `prune_reduction` from the Lightning `hyper_parameters` where the shapes cannot tell.
     pub fn from_tensors(
@@ -553,20 +585,6 @@ impl StrAdapter {
             vis_logits: ar,
             final_logits: logits,
         })
-    }
-
-    /// `tokenizer.decode` of every row of refined logits `[B, L, C]`: raw text, kept probabilities, EOS.
-    pub fn decode(&self, logits: &Tensor) -> Result<Vec<Decoded>> {
-        let probs = crate::nn::softmax(&logits.to_dtype(candle_core::DType::F32)?)?;
-        let c = probs.dim(D::Minus1)?;
-        Ok(probs
-            .to_vec3::<f32>()?
-            .iter()
-            .map(|rows| {
-                let flat: Vec<f32> = rows.iter().flatten().copied().collect();
-                self.tokenizer.decode(&flat, c)
-            })
-            .collect())
     }
 }
 

@@ -113,9 +113,4 @@ impl VisionTransformer {
             .matmul(proj)?
             .reshape((b, t, proj.dim(1)?))
     }
-
-    /// The encoder's configuration.
-    pub fn config(&self) -> &VisionConfig {
-        &self.cfg
-    }
 }

@@ -174,6 +174,13 @@ unsafe fn product(
 }
 
 impl Attention {
+    /// The kept attention weights (a poisoned lock, left by a panicking thread, is an error, not a panic).
+    fn kept(&self) -> Result<std::sync::MutexGuard<'_, Vec<f32>>> {
+        self.weights.lock().map_err(|_| {
+            candle_core::Error::Msg("fused attention: the kept weights are poisoned".into())
+        })
+    }
+
     /// The weights of head `h` of batch `bi` after dropout, into `out` (the weights themselves without it).
     fn dropped<'a>(
         &self,
@@ -262,7 +269,7 @@ impl CustomOp2 for Attention {
                     }
                 },
             );
-        *self.weights.lock().expect("attention weights") = weights;
+        *self.kept()? = weights;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -274,7 +281,7 @@ impl CustomOp2 for Attention {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let Dims { b, l, s, d, .. } = self.dims;
-        let weights = self.weights.lock().expect("attention weights");
+        let weights = self.kept()?;
         let (q, kv, grad) = (q.contiguous()?, kv.contiguous()?, grad.contiguous()?);
         let mut dq = vec![0f32; b * l * d];
         let mut dkv = vec![0f32; b * s * 2 * d];

@@ -591,13 +591,13 @@ impl PackedLinearF32 {
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     macro_rules! tile {
-                    ($f:ident, $($r:literal)*) => {
-                        match rows {
-                            $($r => $f::<$r>(tile_a, self.k, b, bias, c, self.n, cols),)*
-                            _ => unreachable!("tiles have 1 to {} rows", kernel.rows()),
-                        }
-                    };
-                }
+                        ($f:ident, $($r:literal)*) => {
+                            match rows {
+                                $($r => $f::<$r>(tile_a, self.k, b, bias, c, self.n, cols),)*
+                                _ => unreachable!("tiles have 1 to {} rows", kernel.rows()),
+                            }
+                        };
+                    }
                     match kernel {
                         F32Kernel::Avx512 => tile!(tile_f32_avx512, 1 2 3 4 5 6 7 8),
                         F32Kernel::Avx2 => tile!(tile_f32_avx2, 1 2 3 4 5 6),

@@ -1,6 +1,6 @@
 //! bf16 linear layers for training: the forward product and the input's gradient `G W` on the AVX512-BF16
 //! kernel of [`super::packed`], with f32 master weights, f32 accumulation, and f32 weight and bias
-//! gradients (see [`Bf16Linear::bwd`] for why the weight's is not a bf16 product). The weight is
+//! gradients (see [`super::fused_grad::linear_backward`] for why the weight's is not a bf16 product). The weight is
 //! re-packed from the f32 master on every call, so an optimizer step is seen by the next forward.
 //!
 //! Only CPUs with AVX512-BF16 take this path ([`linear`] answers `None` elsewhere): emulated bf16 is slower
@@ -8,9 +8,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::fused_grad::{
-    args_output, bias_grad, linear_grad_rows, trainable, wanted, InputGrad, LinearArgs,
-};
+use super::fused_grad::{args_output, linear_backward, trainable, LinearArgs};
 use super::packed::{native_supported, PackedLinear};
 
 /// `x [.., K] W^T + b` with `w [N, K]`, `b [N]`, differentiable in all three; `None` when the CPU lacks
@@ -57,16 +55,7 @@ impl CustomOp3 for Bf16Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (g, x2) = linear_grad_rows(x, w, grad)?;
-        let dx = wanted(x, || {
-            g.apply_op2_no_bwd(&w.detach(), &InputGrad { bf16: true })?
-                .reshape(x.shape())
-        })?;
-        // The weight's gradient `G^T X` stays an f32 product: its sum runs over all M rows, which the bf16
-        // kernel needs transposed into pairs, and that conversion cost as much as the product saved
-        // (measured: 8192 rows, 192 -> 576, 18 ms either way on an AMD EPYC with 2 threads).
-        let dw = wanted(w, || g.t()?.matmul(&x2))?;
-        Ok((dx, dw, wanted(b, || bias_grad(&g, b))?))
+        linear_backward(x, w, b, grad, true)
     }
 }
 

@@ -7,6 +7,7 @@ use super::perms::generate_attn_masks;
 use super::TrainError;
 use crate::charset::CharsetAdapter;
 use crate::decoder::DecoderMasks;
+use crate::decoding::ids_tensor;
 use crate::model::Clip4Str;
 use crate::str_adapter::StrAdapter;
 
@@ -109,13 +110,6 @@ pub fn cross_entropy(
     let log_probs = shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)?;
     let loss = (log_probs * weights)?.sum_all()?.neg()?;
     Ok((loss, count))
-}
-
-fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Result<Tensor, TrainError> {
-    let b = rows.len();
-    let l = rows.first().map_or(0, Vec::len);
-    let flat: Vec<u32> = rows.iter().flatten().copied().collect();
-    Ok(Tensor::from_vec(flat, (b, l), device)?)
 }
 
 /// A batch's targets as every family's permutation loss uses them (SPEC §12.1).
